@@ -1,0 +1,113 @@
+"""Prompt tokenizers: GLIDE's GPT-2 byte-level BPE, and the shapes models' own word-level vocabulary.
+
+Both give the model what GLIDE's text encoder expects: `text_ctx` token ids and a mask that is
+True on real tokens. Padded slots are ignored by the model (`xf_padding` swaps in the padding
+embedding), so the pad id only has to be valid. The unconditional prompt (classifier-free
+guidance) is the empty prompt: all padding, mask all False.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GPT2_FILES = ("encoder.json", "vocab.bpe")
+
+
+@dataclass
+class TokenBatch:
+    tokens: torch.Tensor  # (B, text_ctx) long
+    mask: torch.Tensor  # (B, text_ctx) bool, True on real tokens
+    truncated: list[bool]  # per prompt: was it longer than text_ctx?
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.tokens.to(device), self.mask.to(device), self.truncated)
+
+    @staticmethod
+    def cat(batches: list["TokenBatch"]) -> "TokenBatch":
+        return TokenBatch(torch.cat([b.tokens for b in batches]), torch.cat([b.mask for b in batches]),
+                          [t for b in batches for t in b.truncated])
+
+
+class PromptTokenizer:
+    """Wraps a `transformers` tokenizer; `__call__(prompts, text_ctx)` returns a TokenBatch."""
+
+    def __init__(self, hf_tokenizer, pad_id: int, lowercase: bool = True, source: str = ""):
+        self.hf = hf_tokenizer
+        self.pad_id = pad_id
+        self.lowercase = lowercase
+        self.source = source
+
+    @classmethod
+    def from_gpt2_files(cls, folder: str | Path) -> "PromptTokenizer":
+        """GLIDE's tokenizer: `encoder.json` + `vocab.bpe` (plain or .gz) from a local folder."""
+        from transformers import GPT2TokenizerFast
+
+        folder = Path(folder)
+        found = {name: find_gpt2_file(folder, name) for name in GPT2_FILES}
+        missing = [name for name, p in found.items() if p is None]
+        if missing:
+            raise FileNotFoundError(
+                f"GLIDE's GPT-2 tokenizer files {missing} (or .gz) are not in {folder}; copy encoder.json "
+                "and vocab.bpe (from the glide_text2im package, glide_text2im/ folder) beside the weights")
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = {name: _ungzip(p, Path(tmp)) for name, p in found.items()}
+            hf = GPT2TokenizerFast(vocab_file=str(plain["encoder.json"]), merges_file=str(plain["vocab.bpe"]))
+        end_token = len(hf.get_vocab()) - 1  # <|endoftext|> = 50256 pads, as released
+        return cls(hf, pad_id=end_token, lowercase=True, source=str(folder))
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> "PromptTokenizer":
+        """The shapes models' tokenizer: a `tokenizers` tokenizer.json with a [PAD] token."""
+        from transformers import PreTrainedTokenizerFast
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} not found; it ships beside the model as tokenizer.json")
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        pad_id = hf.convert_tokens_to_ids("[PAD]")
+        if pad_id is None or pad_id == hf.unk_token_id and hf.unk_token_id is not None:
+            raise ValueError(f"{path} has no [PAD] token; rebuild it with pipelines.shapes.build_tokenizer")
+        return cls(hf, pad_id=pad_id, lowercase=True, source=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf.get_vocab())
+
+    def encode(self, prompt: str) -> list[int]:
+        text = prompt.lower() if self.lowercase else prompt
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, prompts: list[str], text_ctx: int) -> TokenBatch:
+        rows, masks, truncated = [], [], []
+        for prompt in prompts:
+            ids = self.encode(prompt)
+            truncated.append(len(ids) > text_ctx)
+            ids = ids[:text_ctx]
+            rows.append(ids + [self.pad_id] * (text_ctx - len(ids)))
+            masks.append([True] * len(ids) + [False] * (text_ctx - len(ids)))
+        return TokenBatch(torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool), truncated)
+
+    def unconditional(self, batch_size: int, text_ctx: int) -> TokenBatch:
+        return self([""] * batch_size, text_ctx)
+
+
+def find_gpt2_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _ungzip(path: Path, tmp: Path) -> Path:
+    if path.suffix != ".gz":
+        return path
+    out = tmp / path.stem
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return out
