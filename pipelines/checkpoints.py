@@ -83,11 +83,17 @@ def _load_project_model(path: Path):
                                   f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         meta = json.loads(config_path.read_text())
-        config = GlideConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{config_path} is not a valid model config: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path} is not a valid model config: expected a JSON object")
+    # the architecture is checked first: another architecture's config has other fields
     if meta.get("architecture", "glide") != "glide":
         raise CheckpointError(f"{folder} holds a {meta['architecture']!r} model; this loader reads GLIDE models")
+    try:
+        config = GlideConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is not a valid model config: {type(e).__name__}: {e}") from e
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -96,7 +102,7 @@ def _load_project_model(path: Path):
     _load_state(model, state, weights)
     tokenizer = None
     if meta.get("tokenizer"):
-        tokenizer = PromptTokenizer.from_tokenizer_json(folder / meta["tokenizer"])
+        tokenizer = _load_tokenizer(PromptTokenizer.from_tokenizer_json, folder / meta["tokenizer"])
     info = ModelInfo(name=meta.get("name", folder.name), source=str(folder),
                      noise_schedule=meta.get("noise_schedule", "squaredcos_cap_v2"),
                      tokenizer=tokenizer, training=meta.get("training", {}))
@@ -120,16 +126,24 @@ def _load_released(path: Path):
     variant = RELEASED_VARIANTS[first.shape[1]]
     with torch.device("meta"):  # 385M parameters: build without allocating, then receive the file's tensors
         model = GlideUNet(GlideConfig.preset(variant))
-    model = model.to_empty(device="cpu")
-    _load_state(model, state, path)
+    # assign=True: the parameters become the file's tensors (no second 1.5 GB copy; nothing allocated if it fails)
+    _load_state(model, state, path, assign=True)
     tokenizer = None
     if all(find_gpt2_file(path.parent, name) for name in GPT2_FILES):
-        tokenizer = PromptTokenizer.from_gpt2_files(path.parent)
+        tokenizer = _load_tokenizer(PromptTokenizer.from_gpt2_files, path.parent)
     info = ModelInfo(name=variant, source=str(path), noise_schedule=RELEASED_SCHEDULES[variant], tokenizer=tokenizer)
     return model, info
 
 
-def _load_state(model: torch.nn.Module, state: dict, path) -> None:
+def _load_tokenizer(loader, path: Path) -> PromptTokenizer:
+    try:
+        return loader(path)
+    except Exception as e:  # FileNotFoundError, ValueError, and `tokenizers`' plain Exception for a corrupt file
+        raise CheckpointError(f"the model's tokenizer at {path} could not be loaded "
+                              f"({type(e).__name__}: {str(e)[:200]}); restore the tokenizer file(s)") from e
+
+
+def _load_state(model: torch.nn.Module, state: dict, path, assign: bool = False) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -145,7 +159,7 @@ def _load_state(model: torch.nn.Module, state: dict, path) -> None:
             parts.append(f"{len(wrong)} keys with other shapes (e.g. {k}: file {tuple(state[k].shape)}, "
                          f"model {expected[k]})")
         raise CheckpointError(f"{path} does not match the model it claims to be: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def save_model(model: GlideUNet, folder, *, noise_schedule: str, tokenizer_file=None, training=None,

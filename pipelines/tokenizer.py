@@ -55,9 +55,12 @@ class PromptTokenizer:
             raise FileNotFoundError(
                 f"GLIDE's GPT-2 tokenizer files {missing} (or .gz) are not in {folder}; copy encoder.json "
                 "and vocab.bpe (from the glide_text2im package, glide_text2im/ folder) beside the weights")
+        # transformers 5 ignores vocab_file=/merges_file= in the constructor (an empty vocabulary results), so the
+        # files are laid out under transformers' own names (vocab.json, merges.txt) and read with from_pretrained.
         with tempfile.TemporaryDirectory() as tmp:
-            plain = {name: _ungzip(p, Path(tmp)) for name, p in found.items()}
-            hf = GPT2TokenizerFast(vocab_file=str(plain["encoder.json"]), merges_file=str(plain["vocab.bpe"]))
+            for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+                _copy_plain(found[name], Path(tmp) / hf_name)
+            hf = GPT2TokenizerFast.from_pretrained(tmp, local_files_only=True)
         end_token = len(hf.get_vocab()) - 1  # <|endoftext|> = 50256 pads, as released
         return cls(hf, pad_id=end_token, lowercase=True, source=str(folder))
 
@@ -104,10 +107,8 @@ def find_gpt2_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _ungzip(path: Path, tmp: Path) -> Path:
-    if path.suffix != ".gz":
-        return path
-    out = tmp / path.stem
-    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+def _copy_plain(path: Path, out: Path) -> None:
+    """Copy `path` to `out`, un-gzipping a `.gz` file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    return out

@@ -119,7 +119,8 @@ class GroupNorm32(nn.GroupNorm):
         self.swish = swish
 
     def forward(self, x):
-        y = super().forward(x.float())
+        # weight and bias in fp32 too: a model cast to half precision as a whole still normalises in fp32
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         if self.swish:
             y = F.silu(y)
         return y.to(x.dtype)
@@ -129,7 +130,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (half-precision safe)."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
