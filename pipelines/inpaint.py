@@ -1,0 +1,116 @@
+"""Text-guided inpainting, two ways (GLIDE §4.3 and Appendix E).
+
+mode="finetuned": the inpainting model (base-inpaint: 4 extra input channels, the masked image and
+  the mask) sees the known pixels at every step; they are also forced into every x_0 prediction.
+mode="replace": any model; after each step the known region of x_t is replaced by a fresh sample
+  of q(x_t | x_0) (the technique GLIDE compares against), and forced into x_0 as well. With an
+  inpainting model this is GLIDE App. E's "context fully masked out".
+
+Any image size: a square around the mask (+ padding) is cropped, resized to the model's
+resolution, generated, resized back and composited onto the original ONLY inside the mask
+(feathered over `mask_blur` px inside its edge). Pixels where the mask is black come back
+bit-exactly (compared in RGB: the output is RGB; RGBA is composited on white, L/P/16-bit are
+converted, as `io.load_image` does) and `changed_outside_mask` counts any that did not.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import (EmptyMaskError, MaskedCrop, MaskedEditPipeline, PipelineInputError, check_common,
+                   check_mask_args, check_prompt, check_strength, check_temperature, load_mask, parse_steps,
+                   reproducible, resolve_seed, to_rgb_array)
+from .checkpoints import CheckpointError
+
+MODES = ("finetuned", "replace")
+
+
+class InpaintPipeline(MaskedEditPipeline):
+    name = "inpaint"
+
+    def check_inputs(self, prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
+                     num_inference_steps, sampler, guidance_scale, upsample, upsample_steps, upsample_sampler,
+                     upsample_temperature):
+        check_prompt(prompt)
+        check_prompt(negative_prompt, "negative_prompt")
+        if mode not in MODES:
+            raise PipelineInputError(f"mode must be 'finetuned' (inpainting model) or 'replace' (any model); got {mode!r}")
+        check_strength(strength)
+        check_mask_args(mask_blur, padding)
+        check_common(num_images, guidance_scale, sampler)
+        check_common(1, 1.0, upsample_sampler)
+        parse_steps(num_inference_steps)
+        parse_steps(upsample_steps, "upsample_steps")
+        check_temperature(upsample_temperature)
+        if upsample not in (None, True, False):
+            raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
+
+    @reproducible
+    @torch.inference_mode()
+    def __call__(self, prompt: str, image, mask_image, *, negative_prompt: str = "", mode: str = "finetuned",
+                 strength: float = 1.0, mask_blur: float = 4, padding: int = 32, num_images: int = 1,
+                 num_inference_steps: int | str = 15, sampler: str = "dpm++", guidance_scale: float = 5.0,
+                 generator=None, seed: int | None = None, upsample: bool | None = None,
+                 upsample_steps: int | str = "fast27", upsample_sampler: str = "ddpm",
+                 upsample_temperature: float = 0.997, callback_on_step_end=None,
+                 pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
+        """Regenerate the white part of `mask_image` in `image` following `prompt`.
+
+        strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
+          at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
+        mask_blur: width in px (full resolution) of the blend band inside the mask edge.
+        padding: px of context around the mask's bounding box in the square working crop.
+        upsample: None = automatic: with mode="finetuned", through the 10-channel upsampler-inpaint
+          model when there is one and the crop is at least its output size (else base resolution);
+          True forces an upsampler stage (finetuned prefers the 10-channel model, replace the plain
+          upsampler; without extra channels the known region is replaced each step);
+          False = base resolution only. params["upsample"] records what ran.
+        pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the
+          call (num_threads sets the CPU thread count for the call; see base.reproducible).
+        """
+        t_start = time.perf_counter()
+        timings: dict = {}
+        # 1. Check inputs
+        self._start(num_images, guidance_scale, sampler, pipeline)
+        self.check_inputs(prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
+                          num_inference_steps, sampler, guidance_scale, upsample, upsample_steps,
+                          upsample_sampler, upsample_temperature)
+        seed, warnings = resolve_seed(seed, generator)
+        # 2. Read the image and the mask (white = regenerate)
+        image_arr = to_rgb_array(image)
+        if mask_image is None:
+            raise PipelineInputError("mask_image is required (white = regenerate); use Text2ImagePipeline "
+                                     "or SDEditPipeline without a mask")
+        regen, w = load_mask(mask_image, (image_arr.shape[1], image_arr.shape[0]))
+        warnings += w
+        if not regen.any():
+            raise EmptyMaskError("the mask is empty (no pixel is white): there is nothing to regenerate; "
+                                 "paint the area to change in white")
+        crop = MaskedCrop.build(image_arr, regen, padding=padding, mask_blur=mask_blur)
+        # 3. Pick the models
+        if mode == "finetuned":
+            if not self.store.has("base-inpaint"):
+                raise CheckpointError(f"mode='finetuned' needs an inpainting model (base-inpaint) and there is "
+                                      f"none in {self.store.path}; use mode='replace', which works with any model")
+            base_role, base_channels = "base-inpaint", True
+            # automatic upsampling only through the 10-channel inpainting upsampler, as GLIDE's notebook
+            up_roles = ("upsampler-inpaint",) if upsample is None else ("upsampler-inpaint", "upsampler")
+        else:
+            base_role, base_channels = self.store.require("base", "base-inpaint"), False
+            up_roles = () if upsample is None else ("upsampler", "upsampler-inpaint")
+        up_role = self._resolve_upsample(upsample, crop.side, up_roles)
+        up_channels = up_role == "upsampler-inpaint" and mode == "finetuned"
+        roles = {"base": base_role, **({"upsampler": up_role} if up_role else {})}
+        params = self._header(seed, {k: self.store.model_id(r) for k, r in roles.items()})
+        params.update(prompt=prompt, negative_prompt=negative_prompt, mode=mode, strength=float(strength),
+                      mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
+                      num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
+                      upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
+                      upsample_temperature=float(upsample_temperature))
+        # 4. Denoise the crop and paste it back inside the mask
+        return self._masked_edit(image=image_arr, crop=crop, masked=True, warnings=warnings, params=params,
+                                 recorded=(models, device, dtype), base_role=base_role, base_channels=base_channels,
+                                 up_role=up_role, up_channels=up_channels, callback_on_step_end=callback_on_step_end,
+                                 timings=timings, t_start=t_start)

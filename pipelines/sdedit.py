@@ -1,0 +1,92 @@
+"""Text-conditional SDEdit (Meng et al. 2021; GLIDE Figure 4): edit by sketching.
+
+The image (a photo with coloured strokes painted over it, or a blank canvas with strokes) is
+noised to the timestep set by `strength` and denoised with classifier-free guidance towards the
+prompt: the strokes' colours and layout survive, their look follows the text. strength 0 returns
+the image unchanged (no model call); strength 1 starts from pure noise and ignores it.
+
+With `mask_image` only the masked region changes: the known region is replaced by q(x_t | x_0)
+after every step and forced into x_0 (as in replacement inpainting), and the result is pasted back
+inside the mask only, with the same exact-preservation rule and crop as InpaintPipeline.
+Without a mask the whole image is edited (square working crop around it; output has its size).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .base import (EmptyMaskError, MaskedCrop, MaskedEditPipeline, PipelineInputError, check_common,
+                   check_mask_args, check_prompt, check_strength, check_temperature, load_mask, parse_steps,
+                   reproducible, resolve_seed, to_rgb_array)
+
+
+class SDEditPipeline(MaskedEditPipeline):
+    name = "sdedit"
+
+    def check_inputs(self, prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
+                     sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature):
+        check_prompt(prompt)
+        check_prompt(negative_prompt, "negative_prompt")
+        check_strength(strength)
+        check_mask_args(mask_blur, padding)
+        check_common(num_images, guidance_scale, sampler)
+        check_common(1, 1.0, upsample_sampler)
+        parse_steps(num_inference_steps)
+        parse_steps(upsample_steps, "upsample_steps")
+        check_temperature(upsample_temperature)
+        if upsample not in (None, True, False):
+            raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
+
+    @reproducible
+    @torch.inference_mode()
+    def __call__(self, prompt: str, image, strength: float = 0.6, mask_image=None, *, negative_prompt: str = "",
+                 mask_blur: float = 4, padding: int = 32, num_images: int = 1,
+                 num_inference_steps: int | str = 15, sampler: str = "dpm++", guidance_scale: float = 3.0,
+                 generator=None, seed: int | None = None, upsample: bool | None = None,
+                 upsample_steps: int | str = "fast27", upsample_sampler: str = "ddim",
+                 upsample_temperature: float = 0.997, callback_on_step_end=None,
+                 pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
+        """Denoise `image` from step round(strength * steps) towards `prompt`.
+
+        upsample: None = through the upsampler when there is one and the working crop is at least
+          its output size (the 64→256 cascade, starting at the same strength); True/False force it.
+        pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the
+          call (num_threads sets the CPU thread count for the call; see base.reproducible).
+        """
+        t_start = time.perf_counter()
+        timings: dict = {}
+        # 1. Check inputs
+        self._start(num_images, guidance_scale, sampler, pipeline)
+        self.check_inputs(prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
+                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature)
+        seed, warnings = resolve_seed(seed, generator)
+        # 2. Read the image (and the mask: white = regenerate)
+        image_arr = to_rgb_array(image)
+        masked = mask_image is not None
+        if masked:
+            regen, w = load_mask(mask_image, (image_arr.shape[1], image_arr.shape[0]))
+            warnings += w
+            if not regen.any():
+                raise EmptyMaskError("the mask is empty (no pixel is white): there is nothing to change; "
+                                     "paint the area to edit in white, or pass no mask to edit the whole image")
+            crop = MaskedCrop.build(image_arr, regen, padding=padding, mask_blur=mask_blur)
+        else:
+            crop = MaskedCrop.build(image_arr, np.ones(image_arr.shape[:2], bool), padding=0, mask_blur=0)
+        # 3. Pick the models: the base model (an inpainting model works too, without its extra channels)
+        base_role = self.store.require("base", "base-inpaint")
+        up_role = self._resolve_upsample(upsample, crop.side, ("upsampler", "upsampler-inpaint"))
+        roles = {"base": base_role, **({"upsampler": up_role} if up_role else {})}
+        params = self._header(seed, {k: self.store.model_id(r) for k, r in roles.items()})
+        params.update(prompt=prompt, negative_prompt=negative_prompt, strength=float(strength),
+                      mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
+                      num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
+                      upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
+                      upsample_temperature=float(upsample_temperature))
+        # 4. Noise to t_start, denoise, paste back (inside the mask only when there is one)
+        return self._masked_edit(image=image_arr, crop=crop, masked=masked, warnings=warnings, params=params,
+                                 recorded=(models, device, dtype), base_role=base_role, base_channels=False,
+                                 up_role=up_role, up_channels=False, callback_on_step_end=callback_on_step_end,
+                                 timings=timings, t_start=t_start)
