@@ -1,0 +1,320 @@
+"""Projects on disk (studio/projects.py), the fine-tune backend's file handling, and the controller's
+UI-value conversions and Stop, without a web server.
+
+What is pinned down: a project saved after an edit reopens identically from a fresh store (an app
+restart); ids cannot name paths outside the projects folder; variations survive a restart and
+"use this" adds a sibling node; the exported PNG carries the whole recipe; a zip round trip
+replays bit-exactly; unsafe or foreign zips are refused; the mask is read from layer alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import InpaintPipeline, ModelStore, Text2ImagePipeline
+from studio.finetune import FineTuner, read_log
+from studio.projects import ProjectError, ProjectStore, read_recipe
+from studio.session import (Studio, check_image, editor_composite, editor_layers_alpha, mask_image_from, read_upload)
+
+FAST = dict(num_inference_steps=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run faster on one thread, and the machine is shared
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_models):
+    return ModelStore(tiny_models)
+
+
+def _edited_project(projects: ProjectStore, store) -> tuple:
+    """A project with generate (2 variations) → inpaint, saved like the studio does."""
+    project = projects.create("cozy room")
+    gen = Text2ImagePipeline(store)("a red circle", seed=3, num_images=2, upsample=False, **FAST)
+    node = project.scene.apply(gen, op="generate", index=0)
+    project.save()
+    project.save_last_run(gen, node_id=node.id, parent_id=None, op="generate")
+    image = project.scene.image(node.id)
+    mask = np.zeros(image.size[::-1], np.uint8)
+    mask[4:10, 5:12] = 255
+    inp = InpaintPipeline(store)("a blue star", image, Image.fromarray(mask), seed=5, **FAST)
+    project.scene.apply(inp, op="inpaint", mask_image=Image.fromarray(mask))
+    project.save()
+    return project, gen, inp
+
+
+def test_create_list_open_delete(tmp_path):
+    projects = ProjectStore(tmp_path)
+    a, b = projects.create("first"), projects.create("")
+    listed = {p["id"]: p for p in projects.list()}
+    assert set(listed) == {a.id, b.id} and listed[a.id]["name"] == "first" and listed[b.id]["name"]
+    assert projects.open(a.id) is a  # one shared object per project
+    projects.rename(a.id, "renamed")
+    assert ProjectStore(tmp_path).open(a.id).name == "renamed"
+    projects.delete(a.id)
+    assert not projects.exists(a.id) and [p["id"] for p in projects.list()] == [b.id]
+    with pytest.raises(ProjectError, match="does not exist"):
+        projects.open(a.id)
+    (tmp_path / "finetuned").mkdir()  # other folders are never listed as projects
+    assert [p["id"] for p in projects.list()] == [b.id]
+
+
+@pytest.mark.parametrize("bad", ["../etc", "..", "/tmp/x", "abc", "ABCDEF012345", None, 12, "0123456789ab/.."])
+def test_ids_cannot_name_other_paths(tmp_path, bad):
+    projects = ProjectStore(tmp_path)
+    assert not projects.exists(bad)
+    with pytest.raises(ProjectError, match="not a project id"):
+        projects.open(bad)
+
+
+def test_project_survives_a_restart_with_its_variations(tmp_path, store):
+    projects = ProjectStore(tmp_path)
+    project, gen, inp = _edited_project(projects, store)
+    ids = list(project.scene.nodes)
+    assert project.scene.current.op == "inpaint" and project.scene.current.changed_outside_mask == 0
+
+    again = ProjectStore(tmp_path).open(project.id)  # a fresh process: everything from disk
+    assert list(again.scene.nodes) == ids and again.scene.current_id == ids[-1]
+    assert np.array_equal(np.asarray(again.scene.image(ids[-1])), np.asarray(inp.images[0]))
+    assert np.array_equal(np.asarray(again.scene.mask(ids[-1])), np.asarray(project.scene.mask(ids[-1])))
+    assert again.scene.can_undo
+    # the last run's variations came back too; "use this" on the 2nd adds a sibling of the 1st
+    assert len(again.last_run_images()) == 2
+    node_id = again.use_variation(1)
+    node = again.scene[node_id]
+    assert node.parent is None and node.index == 1 and node.op == "generate"
+    assert np.array_equal(np.asarray(again.scene.image(node_id)), np.asarray(gen.images[1]))
+    assert again.use_variation(1) == node_id  # a second click checks the same node out
+    with pytest.raises(ProjectError, match="does not exist"):
+        again.use_variation(5)
+
+
+def test_export_png_has_the_whole_recipe(tmp_path, store):
+    project, gen, inp = _edited_project(ProjectStore(tmp_path / "p"), store)
+    path = project.export_png(tmp_path / "out")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and json.loads(im.text["parameters"])["op"] == "inpaint"
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(inp.images[0]))
+    recipe = read_recipe(path)
+    assert [s["op"] for s in recipe["steps"]] == ["generate", "inpaint"]
+    assert recipe["steps"][0]["params"]["seed"] == 3 and recipe["steps"][1]["params"]["prompt"] == "a blue star"
+    assert "mask_png_b64" in recipe["steps"][1] and recipe["steps"][1]["changed_outside_mask"] == 0
+
+
+def test_zip_round_trip_replays_bit_exactly(tmp_path, store):
+    projects = ProjectStore(tmp_path / "p")
+    project, _, _ = _edited_project(projects, store)
+    zpath = project.export_zip(tmp_path / "out")
+    with zipfile.ZipFile(zpath) as zf:
+        names = zf.namelist()
+    assert "project.json" in names and "scene/scene.json" in names
+    assert not any(n.startswith(".") or "/." in n for n in names)
+
+    other = ProjectStore(tmp_path / "elsewhere")
+    imported = other.import_zip(zpath)
+    assert imported.id != project.id and imported.name == "cozy room"
+    assert [n.op for n in imported.scene.nodes.values()] == ["generate", "inpaint"]
+    report = imported.scene.replay(store)
+    assert report.all_reproduced and len(report) == 2, report.errors
+
+
+def test_unsafe_or_foreign_zips_are_refused(tmp_path):
+    projects = ProjectStore(tmp_path / "p")
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("project.json", "{}")
+        zf.writestr("scene/scene.json", "{}")
+        zf.writestr("../../outside.txt", "x")
+    with pytest.raises(ProjectError, match="unsafe path"):
+        projects.import_zip(evil)
+    assert not (tmp_path / "outside.txt").exists()
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    with pytest.raises(ProjectError, match="not a studio project"):
+        projects.import_zip(foreign)
+    notzip = tmp_path / "not.zip"
+    notzip.write_bytes(b"PK\x03\x04 nope")
+    with pytest.raises(ProjectError, match="not a readable zip"):
+        projects.import_zip(notzip)
+    damaged = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(damaged, "w") as zf:
+        zf.writestr("project.json", "{}")
+        zf.writestr("scene/scene.json", "{not json")
+    with pytest.raises(ProjectError, match="damaged"):
+        projects.import_zip(damaged)
+    assert projects.list() == []
+
+
+def test_mask_comes_from_layer_alpha_and_composite_is_built_here():
+    bg = np.zeros((20, 30, 4), np.uint8)
+    bg[..., :3], bg[..., 3] = 100, 255
+    layer = np.zeros((20, 30, 4), np.uint8)
+    layer[5:8, 10:20] = (255, 45, 149, 140)  # the semi-transparent mask brush
+    value = {"background": bg, "layers": [layer], "composite": None}
+    alpha = editor_layers_alpha(value)
+    assert alpha.sum() == 30 and alpha[5:8, 10:20].all()
+    assert editor_layers_alpha({"background": bg, "layers": [], "composite": None}) is None
+    comp = np.asarray(editor_composite(value))
+    assert comp.shape == (20, 30, 3) and (comp[0, 0] == 100).all() and (comp[6, 12] != 100).any()
+    m = mask_image_from(alpha, (60, 40))
+    assert m.size == (60, 40) and m.mode == "L" and set(np.unique(np.asarray(m))) == {0, 255}
+
+
+def test_uploads_are_checked(tmp_path):
+    import gradio as gr
+
+    (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4 hello")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.new("RGB", (1, 1)).save(tmp_path / "one.png")
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "ok.png")
+    for name, message in [("a.pdf", "PDF"), ("bad.png", "not a readable image"), ("one.png", "1x1")]:
+        with pytest.raises(gr.Error, match=message):
+            read_upload(tmp_path / name)
+    assert read_upload(tmp_path / "ok.png").size == (40, 30)
+    with pytest.raises(gr.Error, match="largest accepted side"):
+        check_image(Image.new("L", (5000, 20)))
+
+
+def test_finetune_log_reader_and_model_sets(tmp_path, tiny_models):
+    run = tmp_path / "finetuned" / "myrun"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"event": "start", "step": 0})] + [json.dumps({"step": s, "loss": 1.0 / (s + 1)})
+                                                           for s in range(1, 6)]
+    (run / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')  # a half-written last line
+    steps, events = read_log(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and events[0]["event"] == "start"
+    (run / "run.json").write_text("{}")
+    tuner = FineTuner(tmp_path / "finetuned", tiny_models)
+    assert tuner.runs() == ["myrun"] and tuner.model_sets() == {}  # no export yet
+    import shutil
+
+    shutil.copytree(tiny_models / "base-inpaint", run / "model")
+    sets = tuner.model_sets()
+    models = sets["fine-tuned: myrun"]
+    assert (models / "base-inpaint").resolve() == (run / "model").resolve()
+    assert (models / "base" / "config.json").is_file()
+    assert ModelStore(models).has("base-inpaint") and ModelStore(models).has("base")
+    st = tuner.status("myrun")
+    assert st["step"] == 5 and st["model"] and st["state"] == "idle"
+    with pytest.raises(ValueError, match="run name"):
+        tuner.run_dir("../escape")
+    with pytest.raises(ValueError, match="not a folder"):
+        tuner.start(data=str(tmp_path / "missing"), name="x")
+
+
+class _Request:
+    def __init__(self, key):
+        self.session_hash = key
+
+
+def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
+    """Stop (outside the queue) interrupts the running pipeline of the same browser session within
+    a step; another session's Stop does nothing; nothing is recorded in the project."""
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    settings = dict(steps=200, sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
+                    mask_blur=4, inpaint_mode="finetuned", upsample="off", model="default")
+    from studio.session import RUN_OUTPUTS, SETTINGS
+
+    frames = []
+
+    def run():
+        gen = studio.generate(project.id, "a red circle", "", *[settings[k] for k in SETTINGS],
+                              request=_Request("me"), progress=lambda *a, **k: None)
+        for frame in gen:
+            frames.append(dict(zip(RUN_OUTPUTS, frame)))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 60
+    while "me" not in studio._active and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert studio.stop(_Request("someone else")) == "Nothing of yours is running."
+    t0 = time.perf_counter()
+    assert studio.stop(_Request("me")) == "Stopping…"
+    worker.join(30)
+    assert not worker.is_alive() and time.perf_counter() - t0 < 10
+    assert "Stopped" in frames[-1]["status"]
+    assert len(project.scene) == 0 and "me" not in studio._active
+
+
+STUB_TRAINER = r'''
+import json, os, shutil, signal, sys, time
+args = sys.argv[1:]
+out = args[args.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+log = open(os.path.join(out, "log.jsonl"), "a")
+step = sum(1 for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line)
+json.dump({"args": args}, open(os.path.join(out, "run.json"), "w"))
+log.write(json.dumps({"event": "start", "step": step, "resumed": "--resume" in args}) + "\n"); log.flush()
+deadline = time.time() + 60  # never outlive a failed test for long
+while not stop and time.time() < deadline:
+    step += 1
+    log.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n"); log.flush()
+    time.sleep(0.02)
+shutil.copytree(os.environ["STUB_MODEL"], os.path.join(out, "model"), dirs_exist_ok=True)
+log.write(json.dumps({"event": "end", "step": step, "reason": "signal"}) + "\n"); log.flush()
+'''
+
+
+def test_finetune_start_stop_resume_with_a_stub_trainer(tmp_path, tiny_models, monkeypatch):
+    """Subprocess management of the Fine-tune tab: start, SIGTERM stop (the trainer saves and
+    exports), resume, the live log, and the exported model joining the model list."""
+    import sys
+
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(STUB_TRAINER)
+    monkeypatch.setenv("STUB_MODEL", str(tiny_models / "base-inpaint"))
+    data = tmp_path / "data"
+    data.mkdir()
+    tuner = FineTuner(tmp_path / "finetuned", tiny_models, trainer=[sys.executable, str(stub)])
+
+    def wait_for_steps(n):
+        deadline = time.time() + 30
+        while tuner.status("run1")["step"] < n and time.time() < deadline:
+            time.sleep(0.05)
+        return tuner.status("run1")
+
+    tuner.start(data=str(data), name="run1", steps=50)
+    try:
+        _start_stop_resume(tuner, data, wait_for_steps)
+    finally:
+        tuner.close()  # a failed assertion must not leave the trainer running
+
+
+def _start_stop_resume(tuner, data, wait_for_steps):
+    assert tuner.running == "run1"
+    with pytest.raises(ValueError, match="still training"):
+        tuner.start(data=str(data), name="run2")
+    assert wait_for_steps(3)["state"] == "training"
+    assert tuner.model_sets() == {}  # nothing exported yet
+    assert "stopped and saved" in tuner.stop()
+    st = tuner.status("run1")
+    assert tuner.running is None and "stopped at step" in st["state"] and st["model"]
+    assert "fine-tuned: run1" in tuner.model_sets()
+    first = st["step"]
+    with pytest.raises(ValueError, match="exists"):
+        tuner.start(data=str(data), name="run1")
+    tuner.resume("run1")
+    assert wait_for_steps(first + 3)["step"] > first  # the log continues where it stopped
+    tuner.stop()
+    args = json.loads((tuner.root / "run1" / "run.json").read_text())["args"]
+    assert "--resume" in args and "--init" not in args
+    assert "$ " in tuner.status("run1")["tail"]
