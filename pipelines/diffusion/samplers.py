@@ -76,25 +76,38 @@ def _report(
     return x if replacement is None else replacement
 
 
+# update(k, x, x0, v) -> the new x: one sampler's step from kept position k to k - 1 (to x_0 at k = 0)
+Update = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _run_steps(
+    predict: Predictor, x: torch.Tensor, process: SpacedProcess, callback: Callback | None, update: Update
+) -> torch.Tensor:
+    """The loop every sampler shares: from the largest kept position down, predict x_0, update x
+    with the sampler's rule, report to `callback` (which may replace x)."""
+    for k in reversed(range(len(process))):
+        x0, v = predict(x, k)
+        x = update(k, x, x0, v)
+        x = _report(callback, process, k, x, x0)
+    return x
+
+
 def _sample_ddpm(
     predict: Predictor, x: torch.Tensor, process: SpacedProcess,
     generator: torch.Generator | None, callback: Callback | None,
 ) -> torch.Tensor:
     """Ancestral sampling (DDPM Algorithm 2) with the learned-range variance of Improved DDPM
     eq. 15, or the posterior variance beta~ when the model has no variance channels."""
-    for k in reversed(range(len(process))):
-        x0, v = predict(x, k)
+
+    def update(k, x, x0, v):
         kept = _per_row(k, x)
         mean = process.posterior_mean(kept, x0, x)
-        if k > 0:
-            log_variance = (
-                process.posterior_log_variance(kept, x) if v is None else process.learned_log_variance(kept, v)
-            )
-            x = mean + torch.exp(0.5 * log_variance) * _randn_like(x, generator)
-        else:
-            x = mean  # no noise at the last step
-        x = _report(callback, process, k, x, x0)
-    return x
+        if k == 0:
+            return mean  # no noise at the last step
+        log_variance = process.posterior_log_variance(kept, x) if v is None else process.learned_log_variance(kept, v)
+        return mean + torch.exp(0.5 * log_variance) * _randn_like(x, generator)
+
+    return _run_steps(predict, x, process, callback, update)
 
 
 def _sample_ddim(
@@ -105,12 +118,12 @@ def _sample_ddim(
     from it; abar_prev = 1 at the last step, which then returns x_0."""
     abar_prev = process.alphas_cumprod_prev
     abar = process.alphas_cumprod
-    for k in reversed(range(len(process))):
-        x0, _ = predict(x, k)
+
+    def update(k, x, x0, _v):
         eps = (x - math.sqrt(abar[k]) * x0) / math.sqrt(1.0 - abar[k])
-        x = math.sqrt(abar_prev[k]) * x0 + math.sqrt(1.0 - abar_prev[k]) * eps
-        x = _report(callback, process, k, x, x0)
-    return x
+        return math.sqrt(abar_prev[k]) * x0 + math.sqrt(1.0 - abar_prev[k]) * eps
+
+    return _run_steps(predict, x, process, callback, update)
 
 
 def _sample_dpmpp_2m(
@@ -118,27 +131,29 @@ def _sample_dpmpp_2m(
     generator: torch.Generator | None, callback: Callback | None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep, second order in the data
-    prediction, first order on the first step, in the log-SNR lambda = log(alpha / sigma) of the
-    kept timesteps. The last step returns the x_0 prediction at the smallest kept timestep."""
+    prediction, in the log-SNR lambda = log(alpha / sigma) of the kept timesteps. First order on
+    the first step (no previous x_0 yet) and on the final update into the smallest kept timestep
+    ("lower order final"): extrapolating across that large log-SNR jump amplifies errors. The
+    last step returns the x_0 prediction at the smallest kept timestep."""
     alpha = [math.sqrt(a) for a in process.alphas_cumprod]
     sigma = [math.sqrt(1.0 - a) for a in process.alphas_cumprod]
     lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
     previous_x0, previous_h = None, None
-    for k in reversed(range(len(process))):
-        x0, _ = predict(x, k)
+
+    def update(k, x, x0, _v):
+        nonlocal previous_x0, previous_h
         if k == 0:
-            x = x0
+            return x0
+        h = lam[k - 1] - lam[k]
+        if previous_x0 is None or k == 1:
+            d = x0  # D_1, and the first-order final update
         else:
-            h = lam[k - 1] - lam[k]
-            if previous_x0 is None:
-                d = x0  # D_1
-            else:
-                r = previous_h / h
-                d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * previous_x0  # D_i
-            x = (sigma[k - 1] / sigma[k]) * x - alpha[k - 1] * math.expm1(-h) * d
-            previous_x0, previous_h = x0, h
-        x = _report(callback, process, k, x, x0)
-    return x
+            r = previous_h / h
+            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * previous_x0  # D_i
+        previous_x0, previous_h = x0, h
+        return (sigma[k - 1] / sigma[k]) * x - alpha[k - 1] * math.expm1(-h) * d
+
+    return _run_steps(predict, x, process, callback, update)
 
 
 _SAMPLERS = {"ddpm": _sample_ddpm, "ddim": _sample_ddim, "dpm++": _sample_dpmpp_2m}
