@@ -18,22 +18,26 @@ import json
 import sys
 from pathlib import Path
 
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                       DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
+                       DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
+
 
 def _steps(value: str):
     return int(value) if value.isdigit() else value
 
 
-def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: str | None = "15",
-            sampler: str = "dpm++") -> None:
+def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | str = DEFAULT_STEPS,
+            sampler: str = DEFAULT_SAMPLER) -> None:
     g = p.add_argument_group("model and sampling")
     g.add_argument("--models", default=None, help="models folder, model folder or released GLIDE .pt "
                    "(default: the shipped models, or $STUDIO_MODELS_DIR)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    g.add_argument("--steps", type=_steps, default=_steps(steps) if steps else None,
+    g.add_argument("--steps", type=_steps, default=steps,
                    help=f"sampling steps: an int or a respacing string like 100, fast27, ddim25 (default {steps})")
-    g.add_argument("--sampler", default=sampler, choices=["ddpm", "ddim", "dpm++"], help=f"default {sampler}")
+    g.add_argument("--sampler", default=sampler, choices=SAMPLERS, help=f"default {sampler}")
     if guidance is not None:
         g.add_argument("--guidance-scale", type=float, default=guidance,
                        help=f"classifier-free guidance scale (default {guidance})")
@@ -55,15 +59,29 @@ def _upsample_args(p: argparse.ArgumentParser, sampler: str, auto: bool) -> None
                        help="force the upsampler stage (default: automatic)")
     g.add_argument("--no-upsample", dest="upsample", action="store_false",
                    **({} if auto else {"default": True}), help="stay at the base resolution")
-    g.add_argument("--upsample-steps", type=_steps, default="fast27")
-    g.add_argument("--upsample-sampler", default=sampler, choices=["ddpm", "ddim", "dpm++"])
-    g.add_argument("--upsample-temperature", type=float, default=0.997)
+    g.add_argument("--upsample-steps", type=_steps, default=DEFAULT_UPSAMPLE_STEPS)
+    g.add_argument("--upsample-sampler", default=sampler, choices=SAMPLERS)
+    g.add_argument("--upsample-temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 def _mask_args(p: argparse.ArgumentParser, strength: float) -> None:
     p.add_argument("--strength", type=float, default=strength, help=f"0 = unchanged .. 1 = from noise (default {strength})")
     p.add_argument("--mask-blur", type=float, default=4, help="feather band inside the mask edge, px (default 4)")
     p.add_argument("--padding", type=int, default=32, help="context px around the mask in the working crop (default 32)")
+
+
+def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: str, strength: float,
+                  guidance: float, upsample_sampler: str) -> argparse.ArgumentParser:
+    """The arguments inpaint and sdedit share: an image, a mask, a prompt, the mask and sampling
+    options and an automatic upsampler stage."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask", required=mask_required, default=None, help=mask_help)
+    _prompt(p)
+    _mask_args(p, strength)
+    _common(p, guidance=guidance)
+    _upsample_args(p, upsample_sampler, auto=True)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,32 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text to image (base + upsampler)")
     _prompt(p)
-    _common(p, guidance=3.0)
-    _upsample_args(p, "ddim", auto=False)
+    _common(p, guidance=DEFAULT_GUIDANCE)
+    _upsample_args(p, DEFAULT_UPSAMPLE_SAMPLER, auto=False)
 
-    p = sub.add_parser("inpaint", help="regenerate the white part of a mask")
-    p.add_argument("--image", required=True)
-    p.add_argument("--mask", required=True, help="white = regenerate, black = keep")
-    _prompt(p)
+    p = _edit_command(sub, "inpaint", "regenerate the white part of a mask", mask_required=True,
+                      mask_help="white = regenerate, black = keep", strength=1.0, guidance=DEFAULT_GUIDANCE_INPAINT,
+                      upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER_INPAINT)
     p.add_argument("--mode", choices=["finetuned", "replace"], default="finetuned",
                    help="finetuned: the inpainting model; replace: any model, known region replaced each step")
-    _mask_args(p, 1.0)
-    _common(p, guidance=5.0)
-    _upsample_args(p, "ddpm", auto=True)
 
-    p = sub.add_parser("sdedit", help="turn a sketch (strokes over an image or a blank canvas) into an image")
-    p.add_argument("--image", required=True)
-    p.add_argument("--mask", default=None, help="optional: only the white part changes")
-    _prompt(p)
-    _mask_args(p, 0.6)
-    _common(p, guidance=3.0)
-    _upsample_args(p, "ddim", auto=True)
+    _edit_command(sub, "sdedit", "turn a sketch (strokes over an image or a blank canvas) into an image",
+                  mask_required=False, mask_help="optional: only the white part changes", strength=0.6,
+                  guidance=DEFAULT_GUIDANCE, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("upsample", help="64x64 → 256x256 with the text-conditional upsampler")
     p.add_argument("--image", required=True)
     _prompt(p)
-    p.add_argument("--temperature", type=float, default=0.997)
-    _common(p, guidance=None, steps="fast27", sampler="ddim")
+    p.add_argument("--temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
+    _common(p, guidance=None, steps=DEFAULT_UPSAMPLE_STEPS, sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("replay", help="re-run a saved scene and report which nodes reproduce bit-exactly")
     p.add_argument("scene", help="scene folder (scene.json + images/)")

@@ -39,12 +39,15 @@ import torch
 from PIL import Image
 
 from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model
+# the defaults live in .defaults (torch-free, for the studio); re-exported here for pipeline code
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,  # noqa: F401
+                       DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
+                       DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
 from .diffusion import classifier_free_guidance, make_schedule, respace, sample
 from .io import load_image
 from .tokenizer import TokenBatch
 
 NUM_TIMESTEPS = 1000  # every GLIDE-family model here is trained on a 1000-step process
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 MAX_IMAGES = 16  # per call; a bigger batch is a mistake more often than a wish
 
 # callback_on_step_end(step, num_steps, preview): step is 0-based over all stages of the call,
@@ -794,9 +797,41 @@ def check_temperature(temperature, name="upsample_temperature") -> None:
         raise PipelineInputError(f"{name} must be in (0, 2], got {temperature!r}")
 
 
+def check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
+                        upsample_temperature) -> None:
+    """The sampling arguments of a pipeline with a base and an optional upsampler stage."""
+    check_common(num_images, guidance_scale, sampler)
+    check_common(1, 1.0, upsample_sampler)
+    parse_steps(num_inference_steps)
+    parse_steps(upsample_steps, "upsample_steps")
+    check_temperature(upsample_temperature)
+
+
 class MaskedEditPipeline(BasePipeline):
     """The flow shared by inpainting and SDEdit: crop around the mask, edit the square at the
     model's resolution (optionally through the upsampler), paste back inside the mask only."""
+
+    @staticmethod
+    def _check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
+                         upsample, upsample_steps, upsample_sampler, upsample_temperature) -> None:
+        """The arguments inpainting and SDEdit share (after their prompts and own options)."""
+        check_strength(strength)
+        check_mask_args(mask_blur, padding)
+        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps,
+                            upsample_sampler, upsample_temperature)
+        if upsample not in (None, True, False):
+            raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
+
+    @staticmethod
+    def _crop_around_mask(image: np.ndarray, mask_image, *, padding: int, mask_blur: float, warnings: list[str],
+                          if_empty: str) -> MaskedCrop:
+        """Read diffusers' mask (white = regenerate, resized to the image) and build the working
+        crop around it; EmptyMaskError(`if_empty`) when no pixel is white."""
+        regen, w = load_mask(mask_image, (image.shape[1], image.shape[0]))
+        warnings += w
+        if not regen.any():
+            raise EmptyMaskError(if_empty)
+        return MaskedCrop.build(image, regen, padding=padding, mask_blur=mask_blur)
 
     def _resolve_upsample(self, upsample, side: int, roles: Sequence[str]) -> str | None:
         """The upsampler role to use, or None. upsample=None: automatic (an upsampler among

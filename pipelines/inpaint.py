@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from .base import (EmptyMaskError, MaskedCrop, MaskedEditPipeline, PipelineInputError, check_common,
-                   check_mask_args, check_prompt, check_strength, check_temperature, load_mask, parse_steps,
-                   reproducible, resolve_seed, to_rgb_array)
+from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
+from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 MODES = ("finetuned", "replace")
 
@@ -37,27 +37,23 @@ class InpaintPipeline(MaskedEditPipeline):
         check_prompt(negative_prompt, "negative_prompt")
         if mode not in MODES:
             raise PipelineInputError(f"mode must be 'finetuned' (inpainting model) or 'replace' (any model); got {mode!r}")
-        check_strength(strength)
-        check_mask_args(mask_blur, padding)
-        check_common(num_images, guidance_scale, sampler)
-        check_common(1, 1.0, upsample_sampler)
-        parse_steps(num_inference_steps)
-        parse_steps(upsample_steps, "upsample_steps")
-        check_temperature(upsample_temperature)
-        if upsample not in (None, True, False):
-            raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
+        self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
+                              upsample, upsample_steps, upsample_sampler, upsample_temperature)
 
     @reproducible
     @torch.inference_mode()
     def __call__(self, prompt: str, image, mask_image, *, negative_prompt: str = "", mode: str = "finetuned",
                  strength: float = 1.0, mask_blur: float = 4, padding: int = 32, num_images: int = 1,
-                 num_inference_steps: int | str = 15, sampler: str = "dpm++", guidance_scale: float = 5.0,
-                 generator=None, seed: int | None = None, upsample: bool | None = None,
-                 upsample_steps: int | str = "fast27", upsample_sampler: str = "ddpm",
-                 upsample_temperature: float = 0.997, callback_on_step_end=None,
+                 num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                 guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, generator=None, seed: int | None = None,
+                 upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
+                 upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Regenerate the white part of `mask_image` in `image` following `prompt`.
 
+        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the
+        upsampler stage samples "fast27" ancestrally too.
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
           at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
         mask_blur: width in px (full resolution) of the blend band inside the mask edge.
@@ -83,12 +79,9 @@ class InpaintPipeline(MaskedEditPipeline):
         if mask_image is None:
             raise PipelineInputError("mask_image is required (white = regenerate); use Text2ImagePipeline "
                                      "or SDEditPipeline without a mask")
-        regen, w = load_mask(mask_image, (image_arr.shape[1], image_arr.shape[0]))
-        warnings += w
-        if not regen.any():
-            raise EmptyMaskError("the mask is empty (no pixel is white): there is nothing to regenerate; "
-                                 "paint the area to change in white")
-        crop = MaskedCrop.build(image_arr, regen, padding=padding, mask_blur=mask_blur)
+        crop = self._crop_around_mask(image_arr, mask_image, padding=padding, mask_blur=mask_blur, warnings=warnings,
+                                      if_empty="the mask is empty (no pixel is white): there is nothing to "
+                                               "regenerate; paint the area to change in white")
         # 3. Pick the models
         if mode == "finetuned":
             if not self.store.has("base-inpaint"):

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from .base import (EmptyMaskError, MaskedCrop, MaskedEditPipeline, PipelineInputError, check_common,
-                   check_mask_args, check_prompt, check_strength, check_temperature, load_mask, parse_steps,
-                   reproducible, resolve_seed, to_rgb_array)
+from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class SDEditPipeline(MaskedEditPipeline):
@@ -30,27 +30,23 @@ class SDEditPipeline(MaskedEditPipeline):
                      sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
-        check_strength(strength)
-        check_mask_args(mask_blur, padding)
-        check_common(num_images, guidance_scale, sampler)
-        check_common(1, 1.0, upsample_sampler)
-        parse_steps(num_inference_steps)
-        parse_steps(upsample_steps, "upsample_steps")
-        check_temperature(upsample_temperature)
-        if upsample not in (None, True, False):
-            raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
+        self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
+                              upsample, upsample_steps, upsample_sampler, upsample_temperature)
 
     @reproducible
     @torch.inference_mode()
     def __call__(self, prompt: str, image, strength: float = 0.6, mask_image=None, *, negative_prompt: str = "",
                  mask_blur: float = 4, padding: int = 32, num_images: int = 1,
-                 num_inference_steps: int | str = 15, sampler: str = "dpm++", guidance_scale: float = 3.0,
-                 generator=None, seed: int | None = None, upsample: bool | None = None,
-                 upsample_steps: int | str = "fast27", upsample_sampler: str = "ddim",
-                 upsample_temperature: float = 0.997, callback_on_step_end=None,
+                 num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                 guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
+                 upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
+                 upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Denoise `image` from step round(strength * steps) towards `prompt`.
 
+        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 3.0; the
+        upsampler stage runs DDIM over "fast27".
         upsample: None = through the upsampler when there is one and the working crop is at least
           its output size (the 64→256 cascade, starting at the same strength); True/False force it.
         pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the
@@ -67,12 +63,11 @@ class SDEditPipeline(MaskedEditPipeline):
         image_arr = to_rgb_array(image)
         masked = mask_image is not None
         if masked:
-            regen, w = load_mask(mask_image, (image_arr.shape[1], image_arr.shape[0]))
-            warnings += w
-            if not regen.any():
-                raise EmptyMaskError("the mask is empty (no pixel is white): there is nothing to change; "
-                                     "paint the area to edit in white, or pass no mask to edit the whole image")
-            crop = MaskedCrop.build(image_arr, regen, padding=padding, mask_blur=mask_blur)
+            crop = self._crop_around_mask(image_arr, mask_image, padding=padding, mask_blur=mask_blur,
+                                          warnings=warnings,
+                                          if_empty="the mask is empty (no pixel is white): there is nothing to "
+                                                   "change; paint the area to edit in white, or pass no mask to "
+                                                   "edit the whole image")
         else:
             crop = MaskedCrop.build(image_arr, np.ones(image_arr.shape[:2], bool), padding=0, mask_blur=0)
         # 3. Pick the models: the base model (an inpainting model works too, without its extra channels)

@@ -8,9 +8,11 @@ import time
 
 import torch
 
-from .base import (BasePipeline, PipelineInputError, PipelineOutput, _Progress, check_common, check_prompt,
-                   check_temperature, denoise, encode_prompt, initial_x, make_generator, parse_steps, quantize,
-                   reproducible, resolve_seed, tensor_to_pil)
+from .base import (BasePipeline, PipelineInputError, PipelineOutput, _Progress, check_prompt, check_sampling_args,
+                   denoise, encode_prompt, initial_x, make_generator, parse_steps, quantize, reproducible,
+                   resolve_seed, tensor_to_pil)
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class Text2ImagePipeline(BasePipeline):
@@ -20,25 +22,24 @@ class Text2ImagePipeline(BasePipeline):
                      upsample, upsample_steps, upsample_sampler, upsample_temperature):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
-        check_common(num_images, guidance_scale, sampler)
-        check_common(1, 1.0, upsample_sampler)
-        parse_steps(num_inference_steps)
-        parse_steps(upsample_steps, "upsample_steps")
-        check_temperature(upsample_temperature)
+        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
+                            upsample_temperature)
         if not isinstance(upsample, bool):
             raise PipelineInputError(f"upsample must be True or False, got {upsample!r}")
 
     @reproducible
     @torch.inference_mode()
     def __call__(self, prompt: str, negative_prompt: str = "", num_images: int = 1,
-                 num_inference_steps: int | str = 15, sampler: str = "dpm++", guidance_scale: float = 3.0,
-                 generator=None, seed: int | None = None, upsample: bool = True,
-                 upsample_steps: int | str = "fast27", upsample_sampler: str = "ddim",
-                 upsample_temperature: float = 0.997, callback_on_step_end=None,
+                 num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                 guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
+                 upsample: bool = True, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
+                 upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None) -> PipelineOutput:
         """Generate `num_images` images for `prompt` (256x256 with an upsampler, else base size).
 
-        num_inference_steps: an int or a respacing string ("100", "fast27", "ddim25").
+        num_inference_steps: an int or a respacing string ("100", "fast27", "ddim25"); the defaults
+          (25 steps of ancestral "ddpm", guidance 3.0) live in pipelines/defaults.py.
         negative_prompt: the unconditional rows of guidance (default: the empty prompt).
         callback_on_step_end(step, num_steps, preview): after every step of both stages.
         pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the

@@ -12,6 +12,7 @@ import torch
 from .base import (BasePipeline, PipelineOutput, _Progress, array_to_tensor, check_common, check_prompt,
                    check_temperature, denoise, encode_prompt, initial_x, make_generator, parse_steps,
                    reproducible, resize_rgb, resolve_seed, tensor_to_pil, to_rgb_array)
+from .defaults import DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE
 
 
 class UpsamplePipeline(BasePipeline):
@@ -28,7 +29,8 @@ class UpsamplePipeline(BasePipeline):
     @reproducible
     @torch.inference_mode()
     def __call__(self, prompt: str, image, *, negative_prompt: str = "", num_images: int = 1,
-                 num_inference_steps: int | str = "fast27", sampler: str = "ddim", temperature: float = 0.997,
+                 num_inference_steps: int | str = DEFAULT_UPSAMPLE_STEPS, sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
+                 temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
                  guidance_scale: float = 1.0, generator=None, seed: int | None = None, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None) -> PipelineOutput:
         """Upsample `image` following `prompt`; guidance_scale 1 = unguided (the reference).

@@ -34,8 +34,14 @@ from PIL.PngImagePlugin import PngInfo
 def _pl():
     """The pipelines package, imported on first use: it brings torch (seconds of import), and the
     studio serves its page before that (see studio.ui.launch_studio)."""
+    # the package imports its public names lazily: load them (and torch) here, all at once
     import pipelines
+    import pipelines.inpaint
     import pipelines.io
+    import pipelines.scene
+    import pipelines.sdedit
+    import pipelines.text2image
+    import pipelines.upsample
 
     return pipelines
 

@@ -28,6 +28,9 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
+
 from .finetune import FineTuneError, FineTuner
 from .projects import Project, ProjectError, ProjectStore, _pl, check_id
 
@@ -36,7 +39,6 @@ log = logging.getLogger("studio")
 MIN_SIDE = 16  # smallest accepted image side (px)
 MAX_SIDE = 4096  # largest accepted image side (px)
 DEFAULT_MODEL = "default"
-SAMPLERS = ("dpm++", "ddim", "ddpm")
 BLANK_SIZE = 256  # the blank sketch canvas of an empty project
 PREVIEWS_PER_RUN = 10  # live previews per run (the progress bar moves every step)
 
@@ -391,30 +393,33 @@ class Studio:
 
     # ------------------------------------------------------------------ history
 
-    def undo(self, pid):
-        project = self._project(pid)
+    def _change(self, project, change) -> tuple:
+        """Run `change()` under the project's lock, save the project (unless it raised) and return
+        the refreshed workspace."""
         with self.projects.lock(project.id):
-            project.scene.undo()
+            change()
             project.save()
         return self._workspace(project)
 
+    def undo(self, pid):
+        project = self._project(pid)
+        return self._change(project, lambda: project.scene.undo())
+
     def redo(self, pid):
         project = self._project(pid)
-        with self.projects.lock(project.id):
-            project.scene.redo()
-            project.save()
-        return self._workspace(project)
+        return self._change(project, lambda: project.scene.redo())
 
     def jump(self, pid, evt: gr.SelectData):
         """A click on a history thumbnail: that node becomes current; the next edit branches from it."""
         project = self._project(pid)
-        with self.projects.lock(project.id):
+
+        def checkout():
             ids = list(project.scene.nodes)
             if not 0 <= evt.index < len(ids):
                 raise gr.Error("that history entry no longer exists; reload the page")
             project.scene.checkout(ids[evt.index])
-            project.save()
-        return self._workspace(project)
+
+        return self._change(project, checkout)
 
     def select_variation(self, pid, evt: gr.SelectData):
         """A click on a result: remember which, and compare it with the image it was made from."""
@@ -434,22 +439,20 @@ class Studio:
         project = self._project(pid)
         if index is None:
             raise gr.Error("click a result in the gallery first")
-        with self.projects.lock(project.id):
+
+        def use():
             try:
                 project.use_variation(int(index))
             except ValueError as e:  # ProjectError, SceneError
                 raise gr.Error(str(e)) from None
-            project.save()
-        return self._workspace(project)
+
+        return self._change(project, use)
 
     def import_image(self, pid, file):
         """Open an image file as a new root of the project's graph."""
         image = read_upload(file)
         project = self._project(pid)
-        with self.projects.lock(project.id):
-            project.scene.import_image(image, source=Path(_file_path(file)).name)
-            project.save()
-        return self._workspace(project)
+        return self._change(project, lambda: project.scene.import_image(image, source=Path(_file_path(file)).name))
 
     # ------------------------------------------------------------------ runs (UI, with live previews)
 
@@ -760,16 +763,17 @@ class Studio:
             return None  # the pipeline draws one and reports it in info["seed"]
         return int(seed)
 
-    def api_generate(self, prompt, negative_prompt="", steps=15, sampler="dpm++", guidance_scale=3.0, seed=-1,
-                     num_images=1, upsample=True, model=DEFAULT_MODEL, project_id=""):
+    def api_generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
+                     guidance_scale=DEFAULT_GUIDANCE, seed=-1, num_images=1, upsample=True, model=DEFAULT_MODEL,
+                     project_id=""):
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", num_inference_steps=int(steps),
                       sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
                       num_images=int(num_images), upsample=bool(upsample))
         return self._api_call("generate", kwargs, model, project_id)
 
     def api_inpaint(self, prompt, image=None, mask=None, negative_prompt="", mode="finetuned", strength=1.0,
-                    mask_blur=4, steps=15, sampler="dpm++", guidance_scale=5.0, seed=-1, num_images=1,
-                    model=DEFAULT_MODEL, project_id=""):
+                    mask_blur=4, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE_INPAINT,
+                    seed=-1, num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
         if mask is None:
             raise gr.Error("the mask is missing (white = regenerate)")
@@ -779,8 +783,9 @@ class Studio:
                       guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images))
         return self._api_call("inpaint", kwargs, model, project_id, image=img, mask=m)
 
-    def api_sdedit(self, prompt, image=None, strength=0.6, mask=None, negative_prompt="", mask_blur=4, steps=15,
-                   sampler="dpm++", guidance_scale=3.0, seed=-1, num_images=1, model=DEFAULT_MODEL, project_id=""):
+    def api_sdedit(self, prompt, image=None, strength=0.6, mask=None, negative_prompt="", mask_blur=4,
+                   steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE, seed=-1,
+                   num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
         m = read_upload(mask, "the mask").convert("L") if mask is not None else None
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", strength=float(strength),
@@ -788,10 +793,10 @@ class Studio:
                       guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images))
         return self._api_call("sdedit", kwargs, model, project_id, image=img, mask=m)
 
-    def api_upsample(self, prompt, image=None, steps="fast27", seed=-1, num_images=1, model=DEFAULT_MODEL,
-                     project_id=""):
+    def api_upsample(self, prompt, image=None, steps=DEFAULT_UPSAMPLE_STEPS, seed=-1, num_images=1,
+                     model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
-        steps = str(steps or "fast27").strip()
+        steps = str(steps or DEFAULT_UPSAMPLE_STEPS).strip()
         kwargs = dict(prompt=prompt or "", seed=self._api_seed(seed), num_images=int(num_images),
                       num_inference_steps=int(steps) if steps.isdigit() else steps)
         return self._api_call("upsample", kwargs, model, project_id, image=img)

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
+
 from .projects import _pl
-from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SAMPLERS, SETTINGS, WORKSPACE_OUTPUTS, Studio
+from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Studio
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)
 UI_ONLY = dict(api_visibility="undocumented")
@@ -120,9 +123,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         s = {}
-                        s["steps"] = gr.Slider(3, 100, value=15, step=1, label="Steps", elem_id="steps")
-                        s["sampler"] = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
-                        s["guidance"] = gr.Slider(1.0, 15.0, value=3.0, step=0.5, label="Guidance scale")
+                        s["steps"] = gr.Slider(3, 100, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
+                        s["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                        s["guidance"] = gr.Slider(1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale")
                         s["num_images"] = gr.Slider(1, 8, value=1, step=1, label="Variations", elem_id="variations")
                     with gr.Row():
                         s["seed_mode"] = gr.Radio(["random", "fixed"], value="random", label="Seed")
@@ -293,11 +296,11 @@ def _api_components() -> dict:
         "image": gr.File(label="image", type="filepath"),
         "mask": gr.File(label="mask", type="filepath"),
         "mask_optional": gr.File(label="mask", type="filepath"),
-        "steps": gr.Number(15, precision=0, label="steps"),
-        "upsample_steps": gr.Textbox("fast27", label="steps"),
-        "sampler": gr.Dropdown(list(SAMPLERS), value="dpm++", label="sampler"),
-        "guidance_scale": gr.Number(3.0, label="guidance_scale"),
-        "guidance_inpaint": gr.Number(5.0, label="guidance_scale"),
+        "steps": gr.Number(DEFAULT_STEPS, precision=0, label="steps"),
+        "upsample_steps": gr.Textbox(DEFAULT_UPSAMPLE_STEPS, label="steps"),
+        "sampler": gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler"),
+        "guidance_scale": gr.Number(DEFAULT_GUIDANCE, label="guidance_scale"),
+        "guidance_inpaint": gr.Number(DEFAULT_GUIDANCE_INPAINT, label="guidance_scale"),
         "seed": gr.Number(-1, precision=0, label="seed"),
         "num_images": gr.Number(1, precision=0, label="num_images"),
         "upsample": gr.Checkbox(True, label="upsample"),

@@ -4,6 +4,9 @@
                    (base 16x16, upsampler 16→64, text_ctx 8, a 30-word vocabulary)
 `tiny_models_full` the same plus upsampler-inpaint/ (the 10-channel variant)
 `shipped_models`   assets/models when the trained default models exist there, else skipped
+`one_thread`, `one_thread_per_module`
+                   torch on one CPU thread for each test / for a whole module (then restored):
+                   use with `pytestmark = pytest.mark.usefixtures(...)`
 Other engineers' tests may reuse these (session-scoped, built once, about a second).
 """
 
@@ -88,3 +91,16 @@ def shipped_models() -> Path:
     if not (path / "base" / "model.safetensors").is_file():
         pytest.skip(f"the shipped default models are not in {path} yet")
     return path
+
+
+def _one_torch_thread():
+    # why: tiny models run faster on one thread, the 2-core test machine is shared, and bit-exact
+    # checks need a fixed thread count (CPU kernels reduce in a thread-count dependent order)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+one_thread = pytest.fixture(_one_torch_thread, name="one_thread")
+one_thread_per_module = pytest.fixture(_one_torch_thread, scope="module", name="one_thread_per_module")

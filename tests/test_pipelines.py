@@ -19,18 +19,12 @@ from pipelines import (CheckpointError, EmptyMaskError, GenerationInterrupted, I
                        NonFiniteOutputError, PipelineInputError, SDEditPipeline, Text2ImagePipeline,
                        UpsamplePipeline)
 from pipelines.base import MaskedCrop, feather
+from pipelines.defaults import DEFAULT_SAMPLER
 from pipelines.io import ImageInputError
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 FAST = dict(num_inference_steps=3, upsample_steps=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models run faster on one thread, and the test machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def arr(image) -> np.ndarray:
@@ -59,24 +53,16 @@ def box_mask(w=517, h=333, box=(200, 100, 300, 150)) -> Image.Image:
     return Image.fromarray(m)
 
 
-@pytest.fixture(scope="module")
-def t2i(tiny_models):
-    return Text2ImagePipeline.from_pretrained(tiny_models, device="cpu")
+def pipeline_fixture(cls, name: str):
+    """A module-scoped fixture `name`: `cls` on the tiny models, on CPU (they share one ModelStore)."""
+    return pytest.fixture(lambda tiny_models: cls.from_pretrained(tiny_models, device="cpu"), scope="module",
+                          name=name)
 
 
-@pytest.fixture(scope="module")
-def inpaint(tiny_models):
-    return InpaintPipeline.from_pretrained(tiny_models, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sdedit(tiny_models):
-    return SDEditPipeline.from_pretrained(tiny_models, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def upsampler(tiny_models):
-    return UpsamplePipeline.from_pretrained(tiny_models, device="cpu")
+t2i = pipeline_fixture(Text2ImagePipeline, "t2i")
+inpaint = pipeline_fixture(InpaintPipeline, "inpaint")
+sdedit = pipeline_fixture(SDEditPipeline, "sdedit")
+upsampler = pipeline_fixture(UpsamplePipeline, "upsampler")
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +76,7 @@ def test_text2image_shapes_params_and_timings(t2i):
     assert out.working_size == 64
     p = out.params
     json.dumps(p)  # JSON-serialisable
-    assert p["pipeline"] == "text2image" and p["seed"] == 1 and p["sampler"] == "dpm++"
+    assert p["pipeline"] == "text2image" and p["seed"] == 1 and p["sampler"] == DEFAULT_SAMPLER == "ddpm"
     assert p["guidance_scale"] == 3.0 and p["upsample"] is True and p["upsample_temperature"] == 0.997
     assert set(p["models"]) == {"base", "upsampler"} and p["models"]["base"].startswith("base@")
     assert p["device"] == "cpu" and p["dtype"] == "float32" and p["num_threads"] == torch.get_num_threads()
@@ -438,6 +424,27 @@ def test_cli_generate_inpaint_and_clean_errors(tiny_models, tmp_path, capsys):
     assert main(["generate", "--prompt", "x", "--models", str(tmp_path / "none")]) == 2
     assert main(["generate", "--prompt", "x", "--sampler", "dpm++", "--steps", "fastest",
                  "--models", str(tiny_models)]) == 2
+
+
+def test_pipelines_and_cli_take_the_one_set_of_defaults():
+    import inspect
+
+    from pipelines import defaults as D
+    from pipelines.__main__ import build_parser
+
+    guidance = {Text2ImagePipeline: D.DEFAULT_GUIDANCE, SDEditPipeline: D.DEFAULT_GUIDANCE,
+                InpaintPipeline: D.DEFAULT_GUIDANCE_INPAINT}
+    for cls, scale in guidance.items():
+        params = inspect.signature(cls.__call__).parameters
+        assert params["num_inference_steps"].default == D.DEFAULT_STEPS == 25
+        assert params["sampler"].default == D.DEFAULT_SAMPLER == "ddpm"
+        assert params["guidance_scale"].default == scale
+    files = ["--image", "in.png", "--mask", "mask.png"]
+    cli = {"generate": ([], D.DEFAULT_GUIDANCE), "sdedit": (files, D.DEFAULT_GUIDANCE),
+           "inpaint": (files, D.DEFAULT_GUIDANCE_INPAINT)}
+    for command, (extra, scale) in cli.items():
+        args = build_parser().parse_args([command, "--prompt", "x", *extra])
+        assert (args.steps, args.sampler, args.guidance_scale) == (D.DEFAULT_STEPS, D.DEFAULT_SAMPLER, scale)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipelines import InpaintPipeline, ModelStore, Text2ImagePipeline
@@ -24,15 +23,9 @@ from studio.finetune import FineTuner, read_log
 from studio.projects import ProjectError, ProjectStore, read_recipe
 from studio.session import (Studio, check_image, editor_composite, editor_layers_alpha, mask_image_from, read_upload)
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 FAST = dict(num_inference_steps=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run faster on one thread, and the machine is shared
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

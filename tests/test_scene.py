@@ -12,15 +12,9 @@ from PIL import Image
 from pipelines import (InpaintPipeline, ModelStore, PipelineInputError, Scene, SceneError, SDEditPipeline,
                        Text2ImagePipeline, UpsamplePipeline)
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 STEPS = dict(num_inference_steps=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

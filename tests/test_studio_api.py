@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gradio_client import Client, handle_file  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 FAST = dict(steps=3)
 
@@ -43,14 +44,6 @@ def launch_app(models_dir, projects_dir, temp_dir, **kw):
 
     return launch_studio(models_dir=models_dir, projects_dir=projects_dir, port=free_port(), quiet=True,
                          preload=False, **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and the machine is shared
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from test_studio_api import launch_app
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
-                                       "chromium) to run the browser test")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y "
+                                        "chromium) to run the browser test"),
+              pytest.mark.usefixtures("one_thread_per_module")]
 
 
 def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):

@@ -36,14 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,
             workers=0, device="cpu", quiet=True)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # why: bit-exactness needs a fixed thread count, and the 2-core test box is shared
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
