@@ -279,18 +279,26 @@ def _in_mask(mask_arr: np.ndarray, center) -> bool:
     return bool(mask_arr[y, x] > 127)
 
 
+def _iter_cases(cases, make_case, size: int):
+    """(seed, case) pairs: an int n means seeds 0..n-1 and a seed is drawn with make_case(seed, size);
+    a ready case tuple passes through with its position as the seed."""
+    if isinstance(cases, int):
+        cases = range(cases)
+    for idx, case in enumerate(cases):
+        if isinstance(case, (int, np.integer)):
+            yield int(case), make_case(int(case), size)
+        else:
+            yield idx, case
+
+
 def eval_inpaint(inpaint: Callable, cases: Iterable = 16, size: int = 64, keep_images: bool = True) -> dict:
     """Run ``inpaint(image, mask, prompt, seed)`` on inpainting cases and score.
 
     ``cases``: an int (that many ``shapes.inpaint_case(seed)``, seeds 0..n-1),
     seeds, or ready (image, mask, prompt, expected) tuples."""
-    if isinstance(cases, int):
-        cases = range(cases)
     records, images = [], []
     t_gen = 0.0
-    for idx, case in enumerate(cases):
-        seed = int(case) if isinstance(case, (int, np.integer)) else idx
-        image, mask, prompt, exp = W.inpaint_case(seed, size) if isinstance(case, (int, np.integer)) else case
+    for seed, (image, mask, prompt, exp) in _iter_cases(cases, W.inpaint_case, size):
         t0 = time.perf_counter()
         res = inpaint(image, mask, prompt, seed)
         t_gen += time.perf_counter() - t0
@@ -361,13 +369,9 @@ def stray(output, sketch, size: int = 64) -> float:
 
 def eval_sdedit(sdedit: Callable, cases: Iterable = 16, size: int = 64, keep_images: bool = True) -> dict:
     """Run ``sdedit(sketch, prompt, seed)`` on SDEdit cases and score."""
-    if isinstance(cases, int):
-        cases = range(cases)
     records, images = [], []
     t_gen = 0.0
-    for idx, case in enumerate(cases):
-        seed = int(case) if isinstance(case, (int, np.integer)) else idx
-        sketch, prompt, exp = W.sdedit_case(seed, size) if isinstance(case, (int, np.integer)) else case
+    for seed, (sketch, prompt, exp) in _iter_cases(cases, W.sdedit_case, size):
         t0 = time.perf_counter()
         out = sdedit(sketch, prompt, seed)
         t_gen += time.perf_counter() - t0
