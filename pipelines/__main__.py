@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
+                       DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
 
@@ -66,8 +67,10 @@ def _upsample_args(p: argparse.ArgumentParser, sampler: str, auto: bool) -> None
 
 def _mask_args(p: argparse.ArgumentParser, strength: float) -> None:
     p.add_argument("--strength", type=float, default=strength, help=f"0 = unchanged .. 1 = from noise (default {strength})")
-    p.add_argument("--mask-blur", type=float, default=4, help="feather band inside the mask edge, px (default 4)")
-    p.add_argument("--padding", type=int, default=32, help="context px around the mask in the working crop (default 32)")
+    p.add_argument("--mask-blur", type=float, default=DEFAULT_MASK_BLUR,
+                   help=f"feather band inside the mask edge, px (default {DEFAULT_MASK_BLUR})")
+    p.add_argument("--padding", type=int, default=DEFAULT_PADDING,
+                   help=f"context px around the mask in the working crop (default {DEFAULT_PADDING})")
 
 
 def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: str, strength: float,
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finetuned: the inpainting model; replace: any model, known region replaced each step")
 
     _edit_command(sub, "sdedit", "turn a sketch (strokes over an image or a blank canvas) into an image",
-                  mask_required=False, mask_help="optional: only the white part changes", strength=0.6,
+                  mask_required=False, mask_help="optional: only the white part changes", strength=DEFAULT_SDEDIT_STRENGTH,
                   guidance=DEFAULT_GUIDANCE, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("upsample", help="64x64 → 256x256 with the text-conditional upsampler")

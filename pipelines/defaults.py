@@ -15,6 +15,9 @@ DEFAULT_SAMPLER = "ddpm"
 DEFAULT_STEPS = 25  # kept timesteps of the base stage (an int N means respace(1000, N))
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale: text-to-image and SDEdit
 DEFAULT_GUIDANCE_INPAINT = 5.0  # classifier-free guidance scale: inpainting
+DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
+DEFAULT_MASK_BLUR = 4  # px of the feather band inside the mask edge
+DEFAULT_PADDING = 32  # px of context around the mask in the "only masked" working crop
 
 # the upsampler stage (GLIDE's text2im notebook: unguided, "fast27", noise x 0.997)
 DEFAULT_UPSAMPLE_STEPS = "fast27"

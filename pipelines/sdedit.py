@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
                        DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
@@ -35,8 +35,8 @@ class SDEditPipeline(MaskedEditPipeline):
 
     @reproducible
     @torch.inference_mode()
-    def __call__(self, prompt: str, image, strength: float = 0.6, mask_image=None, *, negative_prompt: str = "",
-                 mask_blur: float = 4, padding: int = 32, num_images: int = 1,
+    def __call__(self, prompt: str, image, strength: float = DEFAULT_SDEDIT_STRENGTH, mask_image=None, *, negative_prompt: str = "",
+                 mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING, num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
                  guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,

@@ -28,7 +28,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
+                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
                                 DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
 
 from .finetune import FineTuneError, FineTuner
@@ -494,9 +495,7 @@ class Studio:
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, model)
-        kwargs = dict(prompt=prompt or "", negative_prompt=negative or "", num_images=s["num_images"],
-                      num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
-                      seed=s["seed"], upsample=self._upsample_flag(s["upsample"], "generate"))
+        kwargs = self._sampling_kwargs("generate", prompt, negative, s)
         yield from self._ui_run("generate", pid, s, kwargs, request, progress)
 
     def inpaint(self, pid, canvas, prompt, negative, invert, steps, sampler, guidance, seed_mode, seed,
@@ -504,20 +503,15 @@ class Studio:
                 request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, model)
-        project = self._project(pid)
-        if project.scene.current is None:
-            raise gr.Error("there is no image to inpaint: generate or open one first")
-        image = project.scene.image(project.scene.current_id)
+        image = self._current_image(self._project(pid), "inpaint")
         painted = editor_layers_alpha(canvas)
         if painted is None and not invert:
             raise gr.Error("paint the area to regenerate on the canvas (Mask tab) first")
         if painted is None:  # inverted nothing: regenerate everything
             painted = np.zeros(image.size[::-1], bool)
         mask = mask_image_from(~painted if invert else painted, image.size)
-        kwargs = dict(prompt=prompt or "", negative_prompt=negative or "", image=image, mask_image=mask,
-                      mode=s["inpaint_mode"], mask_blur=s["mask_blur"], num_images=s["num_images"],
-                      num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
-                      seed=s["seed"], upsample=self._upsample_flag(s["upsample"], "inpaint"))
+        kwargs = dict(self._sampling_kwargs("inpaint", prompt, negative, s), image=image, mask_image=mask,
+                      mode=s["inpaint_mode"], mask_blur=s["mask_blur"])
         yield from self._ui_run("inpaint", pid, s, kwargs, request, progress, mask=mask)
 
     def sdedit(self, pid, canvas, prompt, negative, strength, only_sketched, steps, sampler, guidance, seed_mode,
@@ -542,10 +536,8 @@ class Studio:
                 blank = Image.fromarray(np.asarray(canvas["background"])).convert("RGB")
                 project.scene.import_image(blank, source="blank canvas")
                 project.save()
-        kwargs = dict(prompt=prompt or "", negative_prompt=negative or "", image=sketch, strength=float(strength),
-                      mask_image=mask, mask_blur=s["mask_blur"], num_images=s["num_images"],
-                      num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
-                      seed=s["seed"], upsample=self._upsample_flag(s["upsample"], "sdedit"))
+        kwargs = dict(self._sampling_kwargs("sdedit", prompt, negative, s), image=sketch, strength=float(strength),
+                      mask_image=mask, mask_blur=s["mask_blur"])
         yield from self._ui_run("sdedit", pid, s, kwargs, request, progress, mask=mask, input_image=sketch)
 
     def upsample(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
@@ -553,13 +545,22 @@ class Studio:
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, model)
-        project = self._project(pid)
-        if project.scene.current is None:
-            raise gr.Error("there is no image to upsample: generate or open one first")
         kwargs = dict(prompt=prompt or "", negative_prompt=negative or "",
-                      image=project.scene.image(project.scene.current_id), num_images=s["num_images"],
+                      image=self._current_image(self._project(pid), "upsample"), num_images=s["num_images"],
                       seed=s["seed"])
         yield from self._ui_run("upsample", pid, s, kwargs, request, progress)
+
+    @staticmethod
+    def _current_image(project, action: str):
+        if project.scene.current is None:
+            raise gr.Error(f"there is no image to {action}: generate or open one first")
+        return project.scene.image(project.scene.current_id)
+
+    def _sampling_kwargs(self, op, prompt, negative, s) -> dict:
+        """The settings-panel values every diffusion action (generate, inpaint, sdedit) passes on."""
+        return dict(prompt=prompt or "", negative_prompt=negative or "", num_images=s["num_images"],
+                    num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
+                    seed=s["seed"], upsample=self._upsample_flag(s["upsample"], op))
 
     def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None):
         """Run a pipeline with live previews, then record the result and send the new workspace."""
@@ -772,7 +773,7 @@ class Studio:
         return self._api_call("generate", kwargs, model, project_id)
 
     def api_inpaint(self, prompt, image=None, mask=None, negative_prompt="", mode="finetuned", strength=1.0,
-                    mask_blur=4, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE_INPAINT,
+                    mask_blur=DEFAULT_MASK_BLUR, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE_INPAINT,
                     seed=-1, num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
         if mask is None:
@@ -783,7 +784,8 @@ class Studio:
                       guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images))
         return self._api_call("inpaint", kwargs, model, project_id, image=img, mask=m)
 
-    def api_sdedit(self, prompt, image=None, strength=0.6, mask=None, negative_prompt="", mask_blur=4,
+    def api_sdedit(self, prompt, image=None, strength=DEFAULT_SDEDIT_STRENGTH, mask=None, negative_prompt="",
+                   mask_blur=DEFAULT_MASK_BLUR,
                    steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE, seed=-1,
                    num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,
+from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
+                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
                                 DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
 
 from .projects import _pl
@@ -89,7 +90,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                            "#fb8c00", "#ffffff", "#000000", "#9e9e9e"]),
                                     eraser=gr.Eraser(default_size=16))
                                 with gr.Row():
-                                    strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Sketch strength",
+                                    strength = gr.Slider(0.05, 1.0, value=DEFAULT_SDEDIT_STRENGTH, step=0.05, label="Sketch strength",
                                                          info="how far from the sketch: 0 = keep it, 1 = ignore it")
                                     only_sketched = gr.Checkbox(True, label="Change only the sketched area")
                                     clear_sketch = gr.Button("Clear sketch", size="sm")
@@ -132,7 +133,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         s["seed"] = c["seed"] = gr.Number(0, precision=0, minimum=0, label="Seed value",
                                                           info="the seed of the last run shows here; set "
                                                                "“fixed” to reuse it")
-                        s["mask_blur"] = gr.Slider(0, 32, value=4, step=1, label="Mask blur (px)")
+                        s["mask_blur"] = gr.Slider(0, 32, value=DEFAULT_MASK_BLUR, step=1, label="Mask blur (px)")
                         s["inpaint_mode"] = gr.Radio(["finetuned", "replace"], value="finetuned",
                                                      label="Inpainting mode",
                                                      info="finetuned = the inpainting model; replace = any model")
@@ -306,8 +307,8 @@ def _api_components() -> dict:
         "upsample": gr.Checkbox(True, label="upsample"),
         "mode": gr.Dropdown(["finetuned", "replace"], value="finetuned", label="mode"),
         "strength_inpaint": gr.Number(1.0, label="strength"),
-        "strength_sdedit": gr.Number(0.6, label="strength"),
-        "mask_blur": gr.Number(4, label="mask_blur"),
+        "strength_sdedit": gr.Number(DEFAULT_SDEDIT_STRENGTH, label="strength"),
+        "mask_blur": gr.Number(DEFAULT_MASK_BLUR, label="mask_blur"),
         "model": gr.Textbox("default", label="model"),
         "project_id": gr.Textbox("", label="project_id"),
         "name": gr.Textbox("", label="name"),
