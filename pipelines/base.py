@@ -327,6 +327,13 @@ def encode_prompt(model, prompt: str, negative_prompt: str, num_images: int,
         n = len(tok.encode(prompt))
         warnings.append(f"the prompt is {n} tokens long; the {model.info.name} model reads {ctx}, "
                         "so it was truncated")
+    unknown = list(dict.fromkeys(tok.unknown_words(prompt) + tok.unknown_words(negative_prompt)))
+    if unknown:
+        words = ", ".join(repr(w) for w in unknown)
+        vocab = tok.known_words()
+        hint = f"; it knows only these words: {' '.join(vocab)}" if len(vocab) <= 100 else ""
+        warnings.append(f"the {model.info.name} model does not know the word{'s' if len(unknown) > 1 else ''} {words}, "
+                        f"so it cannot follow {'them' if len(unknown) > 1 else 'it'}{hint}")
     if not with_uncond:
         return cond, warnings
     uncond = tok([negative_prompt] * num_images, ctx) if negative_prompt else tok.unconditional(num_images, ctx)

@@ -37,9 +37,11 @@ class TokenBatch:
 class PromptTokenizer:
     """Wraps a `transformers` tokenizer; `__call__(prompts, text_ctx)` returns a TokenBatch."""
 
-    def __init__(self, hf_tokenizer, pad_id: int, lowercase: bool = True, source: str = ""):
+    def __init__(self, hf_tokenizer, pad_id: int, lowercase: bool = True, source: str = "",
+                 unk_id: int | None = None):
         self.hf = hf_tokenizer
         self.pad_id = pad_id
+        self.unk_id = unk_id  # word-level vocabularies map unknown words here; GPT-2's BPE has none
         self.lowercase = lowercase
         self.source = source
 
@@ -76,15 +78,34 @@ class PromptTokenizer:
         pad_id = hf.convert_tokens_to_ids("[PAD]")
         if pad_id is None or pad_id == hf.unk_token_id and hf.unk_token_id is not None:
             raise ValueError(f"{path} has no [PAD] token; rebuild it with pipelines.shapes.build_tokenizer")
-        return cls(hf, pad_id=pad_id, lowercase=True, source=str(path))
+        return cls(hf, pad_id=pad_id, lowercase=True, source=str(path), unk_id=hf.convert_tokens_to_ids("[UNK]"))
 
     @property
     def vocab_size(self) -> int:
         return len(self.hf.get_vocab())
 
-    def encode(self, prompt: str) -> list[int]:
+    def _pieces(self, prompt: str) -> list[tuple[int, str]]:
+        """(token id, the prompt text it came from) for each token."""
         text = prompt.lower() if self.lowercase else prompt
-        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(i, text[a:b]) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def _is_unknown(self, token_id: int) -> bool:
+        return self.unk_id is not None and token_id == self.unk_id
+
+    def encode(self, prompt: str) -> list[int]:
+        # Punctuation a word-level vocabulary lacks (a full stop, say) is dropped: as [UNK] it would be a token
+        # the model never saw in training, and "a red circle." should mean "a red circle".
+        return [i for i, piece in self._pieces(prompt) if not (self._is_unknown(i) and not _has_word(piece))]
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` outside the vocabulary (read as [UNK]), in order, each once."""
+        words = [piece for i, piece in self._pieces(prompt) if self._is_unknown(i) and _has_word(piece)]
+        return list(dict.fromkeys(words))
+
+    def known_words(self) -> list[str]:
+        """The vocabulary's words, special tokens left out (useful only for small word-level vocabularies)."""
+        return sorted(w for w in self.hf.get_vocab() if _has_word(w) and not w.startswith("["))
 
     def __call__(self, prompts: list[str], text_ctx: int) -> TokenBatch:
         rows, masks, truncated = [], [], []
@@ -98,6 +119,10 @@ class PromptTokenizer:
 
     def unconditional(self, batch_size: int, text_ctx: int) -> TokenBatch:
         return self([""] * batch_size, text_ctx)
+
+
+def _has_word(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
 
 
 def find_gpt2_file(folder: Path, name: str) -> Path | None:

@@ -129,6 +129,16 @@ def test_long_prompt_is_truncated_with_a_warning(t2i):
     assert any("truncated" in w for w in out.warnings)
 
 
+def test_words_the_model_does_not_know_are_named(t2i):
+    out = t2i("a crimson circle beside a dog.", seed=1, upsample=False, num_inference_steps=2)
+    unknown = [w for w in out.warnings if "does not know" in w]
+    assert len(unknown) == 1 and "'crimson', 'beside', 'dog'" in unknown[0] and "circle" in unknown[0]
+    clean = t2i("a red circle.", seed=1, upsample=False, num_inference_steps=2)
+    assert not any("does not know" in w for w in clean.warnings)
+    same = t2i("a red circle", seed=1, upsample=False, num_inference_steps=2)
+    assert np.array_equal(arr(clean.images[0]), arr(same.images[0]))  # the full stop changes nothing
+
+
 def test_progress_callback_and_interrupt(t2i):
     seen = []
     t2i("a red circle", seed=1, callback_on_step_end=lambda i, n, x: seen.append((i, n, tuple(x.shape))), **FAST)

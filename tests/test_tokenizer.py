@@ -180,6 +180,17 @@ def test_word_level(tmp_path):
     assert (u.tokens == tok.pad_id).all() and not u.mask.any()
 
 
+def test_word_level_unknown_words_and_punctuation(tmp_path):
+    vocab = write_word_level(tmp_path / "tokenizer.json", ["a", "red", "circle", "left", "of", ","])
+    tok = PromptTokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    # a full stop is not in the vocabulary: dropped, not read as [UNK]; a known comma stays
+    assert tok.encode("A red circle.") == tok.encode("a red circle") == [vocab["a"], vocab["red"], vocab["circle"]]
+    assert tok.encode("a red circle, left of a circle!")[3] == vocab[","]
+    assert tok.unknown_words("A Crimson blob, left of a crimson circle...") == ["crimson", "blob"]
+    assert tok.unknown_words("a red circle.") == []
+    assert tok.known_words() == sorted(["a", "red", "circle", "left", "of"])
+
+
 def test_word_level_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         PromptTokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
@@ -229,6 +240,12 @@ def test_gpt2_reference_example(gpt2):
     assert batch.tokens[0].tolist() == REFERENCE_IDS + [50256] * 121
     assert batch.mask[0].tolist() == [True] * 7 + [False] * 121
     assert batch.truncated == [False]
+
+
+def test_gpt2_has_no_unknown_words(gpt2):
+    # byte-level BPE spells any text; punctuation keeps its own tokens
+    assert gpt2.unknown_words("a crimson corgi, in the style of Klimt.") == []
+    assert gpt2.encode("a corgi.") == [64, 1162, 12397, 13]
 
 
 def test_gpt2_lowercase_and_unconditional(gpt2):
