@@ -21,7 +21,7 @@ from pathlib import Path
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
                        DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
-                       DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
+                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
 
 
 def _steps(value: str):
@@ -63,6 +63,9 @@ def _upsample_args(p: argparse.ArgumentParser, sampler: str, auto: bool) -> None
     g.add_argument("--upsample-steps", type=_steps, default=DEFAULT_UPSAMPLE_STEPS)
     g.add_argument("--upsample-sampler", default=sampler, choices=SAMPLERS)
     g.add_argument("--upsample-temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
+    g.add_argument("--upsample-strength", type=float, default=DEFAULT_UPSAMPLE_STRENGTH,
+                   help="start the upsampler part-way from the enlarged base image: 1 = from pure noise "
+                        f"(default {DEFAULT_UPSAMPLE_STRENGTH})")
 
 
 def _mask_args(p: argparse.ArgumentParser, strength: float) -> None:
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     _prompt(p)
     p.add_argument("--temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
+    p.add_argument("--strength", type=float, default=DEFAULT_UPSAMPLE_STRENGTH,
+                   help=f"start part-way from the enlarged image: 1 = from pure noise (default {DEFAULT_UPSAMPLE_STRENGTH})")
     _common(p, guidance=None, steps=DEFAULT_UPSAMPLE_STEPS, sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("replay", help="re-run a saved scene and report which nodes reproduce bit-exactly")
@@ -202,18 +207,20 @@ def _run(args) -> int:
             result = Text2ImagePipeline(store)(
                 args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
                 upsample=args.upsample, upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
-                upsample_temperature=args.upsample_temperature, **common)
+                upsample_temperature=args.upsample_temperature, upsample_strength=args.upsample_strength, **common)
         elif args.command in ("inpaint", "sdedit"):
             kw = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, strength=args.strength,
                       mask_blur=args.mask_blur, padding=args.padding, upsample=args.upsample,
                       upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
-                      upsample_temperature=args.upsample_temperature, **common)
+                      upsample_temperature=args.upsample_temperature, upsample_strength=args.upsample_strength,
+                      **common)
             if args.command == "inpaint":
                 result = InpaintPipeline(store)(args.prompt, args.image, args.mask, mode=args.mode, **kw)
             else:
                 result = SDEditPipeline(store)(args.prompt, args.image, mask_image=args.mask, **kw)
         else:
-            result = UpsamplePipeline(store)(args.prompt, args.image, temperature=args.temperature, **common)
+            result = UpsamplePipeline(store)(args.prompt, args.image, temperature=args.temperature,
+                                             strength=args.strength, **common)
     finally:
         bar.close()
     _save(result, args.out, args.json)

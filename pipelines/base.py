@@ -606,6 +606,20 @@ def denoise(model, *, tokens: TokenBatch, guidance_scale: float, sampler: str, t
                   generator=generator, clip_denoised=True, denoised_fn=denoised_fn, callback=callback)
 
 
+def upsampler_steps(spec, strength: float) -> tuple[list[int], bool]:
+    """The kept timesteps an upsampler stage runs, and whether it starts from pure noise: the lowest
+    round(strength * n) of the n kept steps of `spec`, at least one."""
+    kept = parse_steps(spec, "upsample_steps")
+    k = max(1, start_index(strength, len(kept)))
+    return kept[:k], k == len(kept)
+
+
+def enlarge(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic enlargement of a [-1, 1] batch: where a part-way upsampler stage starts from."""
+    return torch.nn.functional.interpolate(low_res, size=(size, size), mode="bicubic",
+                                           align_corners=False).clamp(-1, 1)
+
+
 def initial_x(model, shape, generator: torch.Generator, *, timesteps: Sequence[int], image: torch.Tensor | None,
               full: bool, temperature: float = 1.0) -> torch.Tensor:
     """x at timesteps[-1]: noise * temperature, or q(x_t | image) when an image-conditioned call
@@ -655,11 +669,14 @@ def edit_square(crop: MaskedCrop, *, prompt: str, negative_prompt: str, num_imag
     tokens_up, w = encode_prompt(up.model, prompt, negative_prompt, B, up.guidance_scale != 1)
     warnings += [m for m in w if m not in warnings]
     t0 = time.perf_counter()
-    x_start = initial_x(up.model, (B, 3, U, U), generator, timesteps=up.timesteps, image=xo_u, full=up.full,
-                        temperature=up.temperature)
+    low_res = quantize(x0)
+    # the known pixels where there are any; elsewhere the enlarged base result the upsampler is conditioned on
+    start_image = keep_u * xo_u + (1 - keep_u) * enlarge(low_res, U)
+    x_start = initial_x(up.model, (B, 3, U, U), generator, timesteps=up.timesteps, image=start_image,
+                        full=up.full, temperature=up.temperature)
     x0 = denoise(up.model, tokens=tokens_up, guidance_scale=up.guidance_scale, sampler=up.sampler,
                  timesteps=up.timesteps, x_start=x_start, generator=generator, progress=progress,
-                 low_res=quantize(x0), known=xk_u if bool(keep_u.any()) else None, keep=keep_u,
+                 low_res=low_res, known=xk_u if bool(keep_u.any()) else None, keep=keep_u,
                  inpaint_channels=up.inpaint_channels, stage="upsampler")
     timings["upsample_s"] = time.perf_counter() - t0
     return tensor_to_uint8(x0)
@@ -787,9 +804,9 @@ def check_prompt(prompt, name="prompt") -> None:
         raise PipelineInputError(f"{name} must be a string, got {type(prompt).__name__}")
 
 
-def check_strength(strength) -> None:
+def check_strength(strength, name="strength") -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise PipelineInputError(f"strength must be a number from 0 to 1, got {strength!r}")
+        raise PipelineInputError(f"{name} must be a number from 0 to 1, got {strength!r}")
 
 
 def check_mask_args(mask_blur, padding) -> None:
@@ -805,13 +822,14 @@ def check_temperature(temperature, name="upsample_temperature") -> None:
 
 
 def check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
-                        upsample_temperature) -> None:
+                        upsample_temperature, upsample_strength) -> None:
     """The sampling arguments of a pipeline with a base and an optional upsampler stage."""
     check_common(num_images, guidance_scale, sampler)
     check_common(1, 1.0, upsample_sampler)
     parse_steps(num_inference_steps)
     parse_steps(upsample_steps, "upsample_steps")
     check_temperature(upsample_temperature)
+    check_strength(upsample_strength, "upsample_strength")
 
 
 class MaskedEditPipeline(BasePipeline):
@@ -820,12 +838,13 @@ class MaskedEditPipeline(BasePipeline):
 
     @staticmethod
     def _check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                         upsample, upsample_steps, upsample_sampler, upsample_temperature) -> None:
+                         upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                         upsample_strength) -> None:
         """The arguments inpainting and SDEdit share (after their prompts and own options)."""
         check_strength(strength)
         check_mask_args(mask_blur, padding)
         check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps,
-                            upsample_sampler, upsample_temperature)
+                            upsample_sampler, upsample_temperature, upsample_strength)
         if upsample not in (None, True, False):
             raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
 
@@ -871,9 +890,9 @@ class MaskedEditPipeline(BasePipeline):
         base = Stage(base_model, base_channels, kept[:k], k == len(kept), p["sampler"], p["guidance_scale"])
         up = None
         if up_role is not None:
-            kept_up = parse_steps(p["upsample_steps"], "upsample_steps")
-            k_up = max(1, start_index(p["strength"], len(kept_up)))
-            up = Stage(self._load(up_role, timings), up_channels, kept_up[:k_up], k_up == len(kept_up),
+            # the upsampler never starts earlier than the edit itself
+            kept_up = upsampler_steps(p["upsample_steps"], min(p["strength"], p["upsample_strength"]))
+            up = Stage(self._load(up_role, timings), up_channels, kept_up[0], kept_up[1],
                        p["upsample_sampler"], 1.0, p["upsample_temperature"])
         params["device"], params["dtype"] = str(base_model.device), str(base_model.dtype).replace("torch.", "")
         warnings += self._replay_warnings(*recorded, params)

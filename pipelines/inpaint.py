@@ -22,7 +22,8 @@ import torch
 from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
 from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+                       DEFAULT_UPSAMPLE_TEMPERATURE)
 
 MODES = ("finetuned", "replace")
 
@@ -32,13 +33,13 @@ class InpaintPipeline(MaskedEditPipeline):
 
     def check_inputs(self, prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
                      num_inference_steps, sampler, guidance_scale, upsample, upsample_steps, upsample_sampler,
-                     upsample_temperature):
+                     upsample_temperature, upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
         if mode not in MODES:
             raise PipelineInputError(f"mode must be 'finetuned' (inpainting model) or 'replace' (any model); got {mode!r}")
         self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                              upsample, upsample_steps, upsample_sampler, upsample_temperature)
+                              upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
 
     @reproducible
     @torch.inference_mode()
@@ -48,12 +49,14 @@ class InpaintPipeline(MaskedEditPipeline):
                  guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
-                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
+                 upsample_strength: float = DEFAULT_UPSAMPLE_STRENGTH, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Regenerate the white part of `mask_image` in `image` following `prompt`.
 
         Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the
-        upsampler stage samples "fast27" ancestrally too.
+        upsampler stage samples ancestrally too, from min(strength, upsample_strength), starting from
+        the known pixels and, inside the mask, the enlarged base result.
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
           at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
         mask_blur: width in px (full resolution) of the blend band inside the mask edge.
@@ -72,7 +75,7 @@ class InpaintPipeline(MaskedEditPipeline):
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
                           num_inference_steps, sampler, guidance_scale, upsample, upsample_steps,
-                          upsample_sampler, upsample_temperature)
+                          upsample_sampler, upsample_temperature, upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Read the image and the mask (white = regenerate)
         image_arr = to_rgb_array(image)
@@ -101,7 +104,8 @@ class InpaintPipeline(MaskedEditPipeline):
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
                       upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature))
+                      upsample_temperature=float(upsample_temperature),
+                      upsample_strength=float(upsample_strength))
         # 4. Denoise the crop and paste it back inside the mask
         return self._masked_edit(image=image_arr, crop=crop, masked=True, warnings=warnings, params=params,
                                  recorded=(models, device, dtype), base_role=base_role, base_channels=base_channels,

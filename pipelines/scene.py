@@ -53,6 +53,15 @@ class SceneError(ValueError):
     """A scene folder or graph operation cannot be used; the message says why."""
 
 
+def _upgraded(params: dict) -> dict:
+    """Params recorded before the upsampler could start part-way: it started from pure noise."""
+    if params.get("pipeline") == "upsample":
+        params.setdefault("strength", 1.0)
+    elif "upsample_steps" in params:
+        params.setdefault("upsample_strength", 1.0)
+    return params
+
+
 @dataclass
 class Node:
     id: str
@@ -101,7 +110,7 @@ class Node:
             op = d["op"]
             if op not in OPS:
                 raise SceneError(f"node {d.get('id')!r} has unknown op {op!r}; expected one of {OPS}")
-            return cls(id=str(d["id"]), parent=d.get("parent"), op=op, params=dict(d.get("params") or {}),
+            return cls(id=str(d["id"]), parent=d.get("parent"), op=op, params=_upgraded(dict(d.get("params") or {})),
                        created=float(d.get("created", 0.0)), duration=d.get("duration"), index=int(d.get("index", 0)),
                        changed_outside_mask=d.get("changed_outside_mask"), warnings=list(d.get("warnings") or []),
                        working_box=d.get("working_box"), has_mask=bool(d.get("mask")), has_input=bool(d.get("input")))

@@ -20,18 +20,20 @@ import torch
 
 from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+                       DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class SDEditPipeline(MaskedEditPipeline):
     name = "sdedit"
 
     def check_inputs(self, prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
-                     sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature):
+                     sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                     upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
         self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                              upsample, upsample_steps, upsample_sampler, upsample_temperature)
+                              upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
 
     @reproducible
     @torch.inference_mode()
@@ -41,12 +43,14 @@ class SDEditPipeline(MaskedEditPipeline):
                  guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
-                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
+                 upsample_strength: float = DEFAULT_UPSAMPLE_STRENGTH, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Denoise `image` from step round(strength * steps) towards `prompt`.
 
         Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 3.0; the
-        upsampler stage runs DDIM over "fast27".
+        upsampler stage runs DDIM from min(strength, upsample_strength), starting from the known
+        pixels and, where the image is regenerated, the enlarged base result.
         upsample: None = through the upsampler when there is one and the working crop is at least
           its output size (the 64→256 cascade, starting at the same strength); True/False force it.
         pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the
@@ -57,7 +61,7 @@ class SDEditPipeline(MaskedEditPipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
-                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature)
+                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Read the image (and the mask: white = regenerate)
         image_arr = to_rgb_array(image)
@@ -79,7 +83,8 @@ class SDEditPipeline(MaskedEditPipeline):
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
                       upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature))
+                      upsample_temperature=float(upsample_temperature),
+                      upsample_strength=float(upsample_strength))
         # 4. Noise to t_start, denoise, paste back (inside the mask only when there is one)
         return self._masked_edit(image=image_arr, crop=crop, masked=masked, warnings=warnings, params=params,
                                  recorded=(models, device, dtype), base_role=base_role, base_channels=False,

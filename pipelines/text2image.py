@@ -1,6 +1,8 @@
 """Text-to-image: the 64x64 base model with classifier-free guidance, then the text-conditional
-64→256 upsampler conditioned on the base output quantised to 8 bits (GLIDE §4, the reference's
-text2im notebook: upsampler unguided, DDIM over "fast27", noise scaled by 0.997)."""
+64→256 upsampler conditioned on the base output quantised to 8 bits (GLIDE §4; unguided, noise
+scaled by 0.997 as in the reference's text2im notebook). The upsampler starts part-way, from the
+noised bicubic enlargement of the base output (`upsample_strength`, pipelines/defaults.py);
+upsample_strength=1 with upsample_steps="fast27" is the notebook's setting."""
 
 from __future__ import annotations
 
@@ -9,21 +11,21 @@ import time
 import torch
 
 from .base import (BasePipeline, PipelineInputError, PipelineOutput, _Progress, check_prompt, check_sampling_args,
-                   denoise, encode_prompt, initial_x, make_generator, parse_steps, quantize, reproducible,
-                   resolve_seed, tensor_to_pil)
+                   denoise, encode_prompt, enlarge, initial_x, make_generator, parse_steps, quantize,
+                   reproducible, resolve_seed, tensor_to_pil, upsampler_steps)
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_TEMPERATURE)
+                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class Text2ImagePipeline(BasePipeline):
     name = "text2image"
 
     def check_inputs(self, prompt, negative_prompt, num_images, num_inference_steps, sampler, guidance_scale,
-                     upsample, upsample_steps, upsample_sampler, upsample_temperature):
+                     upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
         check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
-                            upsample_temperature)
+                            upsample_temperature, upsample_strength)
         if not isinstance(upsample, bool):
             raise PipelineInputError(f"upsample must be True or False, got {upsample!r}")
 
@@ -34,13 +36,16 @@ class Text2ImagePipeline(BasePipeline):
                  guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
                  upsample: bool = True, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
-                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE, callback_on_step_end=None,
+                 upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
+                 upsample_strength: float = DEFAULT_UPSAMPLE_STRENGTH, callback_on_step_end=None,
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None) -> PipelineOutput:
         """Generate `num_images` images for `prompt` (256x256 with an upsampler, else base size).
 
         num_inference_steps: an int or a respacing string ("100", "fast27", "ddim25"); the defaults
           (25 steps of ancestral "ddpm", guidance 3.0) live in pipelines/defaults.py.
         negative_prompt: the unconditional rows of guidance (default: the empty prompt).
+        upsample_strength: the upsampler runs the lowest round(strength * n) of its n steps, from the
+          noised bicubic enlargement of the base output; 1 = from pure noise (the reference).
         callback_on_step_end(step, num_steps, preview): after every step of both stages.
         pipeline/models/device/dtype/num_threads: accepted so that `**result.params` replays the
           call (num_threads sets the CPU thread count for the call; see base.reproducible).
@@ -50,7 +55,7 @@ class Text2ImagePipeline(BasePipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps, sampler, guidance_scale,
-                          upsample, upsample_steps, upsample_sampler, upsample_temperature)
+                          upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Models: base (an inpainting model with nothing known works too) and the optional upsampler
         base_role = self.store.require("base", "base-inpaint")
@@ -66,11 +71,11 @@ class Text2ImagePipeline(BasePipeline):
         params.update(prompt=prompt, negative_prompt=negative_prompt, num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
                       upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature))
+                      upsample_temperature=float(upsample_temperature), upsample_strength=float(upsample_strength))
         warnings += self._replay_warnings(models, device, dtype, params)
         # 3. Timesteps and the shared step counter
         timesteps = parse_steps(num_inference_steps)
-        timesteps_up = parse_steps(upsample_steps, "upsample_steps") if up_model is not None else []
+        timesteps_up, up_full = upsampler_steps(upsample_steps, upsample_strength) if up_model else ([], True)
         progress = _Progress(len(timesteps) + len(timesteps_up), callback_on_step_end, self.interrupt_event)
         generator = make_generator(seed)
         B = num_images
@@ -83,17 +88,18 @@ class Text2ImagePipeline(BasePipeline):
         x = denoise(base_model, tokens=tokens, guidance_scale=guidance_scale, sampler=sampler, timesteps=timesteps,
                     x_start=x, generator=generator, progress=progress)
         timings["base_s"] = time.perf_counter() - t0
-        # 5. Upsampler stage: unguided, conditioned on the quantised base output
+        # 5. Upsampler stage: unguided, conditioned on the quantised base output, starting from its enlargement
         if up_model is not None:
             tokens_up, w = encode_prompt(up_model, prompt, "", B, False)
             warnings += [m for m in w if m not in warnings]
             U = up_model.config.image_size
             t0 = time.perf_counter()
-            x_up = initial_x(up_model, (B, 3, U, U), generator, timesteps=timesteps_up, image=None, full=True,
-                             temperature=upsample_temperature)
+            low_res = quantize(x)
+            x_up = initial_x(up_model, (B, 3, U, U), generator, timesteps=timesteps_up, image=enlarge(low_res, U),
+                             full=up_full, temperature=upsample_temperature)
             x = denoise(up_model, tokens=tokens_up, guidance_scale=1.0, sampler=upsample_sampler,
                         timesteps=timesteps_up, x_start=x_up, generator=generator, progress=progress,
-                        low_res=quantize(x), stage="upsampler")
+                        low_res=low_res, stage="upsampler")
             timings["upsample_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         timings["per_image_s"] = timings["total_s"] / B

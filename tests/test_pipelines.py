@@ -142,7 +142,8 @@ def test_words_the_model_does_not_know_are_named(t2i):
 def test_progress_callback_and_interrupt(t2i):
     seen = []
     t2i("a red circle", seed=1, callback_on_step_end=lambda i, n, x: seen.append((i, n, tuple(x.shape))), **FAST)
-    assert [s[0] for s in seen] == list(range(6)) and {s[1] for s in seen} == {6}
+    # 3 base steps + the upsampler's lowest round(0.4 * 3) = 1 step (it starts part-way)
+    assert [s[0] for s in seen] == list(range(4)) and {s[1] for s in seen} == {4}
     assert seen[0][2] == (1, 3, 16, 16) and seen[-1][2] == (1, 3, 64, 64)
 
     def stop(i, n, x):
@@ -157,7 +158,8 @@ def test_progress_callback_and_interrupt(t2i):
 
 def test_bad_arguments_raise_value_errors(t2i):
     for kwargs in (dict(sampler="euler"), dict(num_inference_steps="fastest"), dict(num_inference_steps=0),
-                   dict(guidance_scale=-1), dict(num_images=0), dict(seed=-5), dict(upsample_temperature=0)):
+                   dict(guidance_scale=-1), dict(num_images=0), dict(seed=-5), dict(upsample_temperature=0),
+                   dict(upsample_strength=1.5)):
         with pytest.raises(PipelineInputError):
             t2i("a red circle", **kwargs)
     with pytest.raises(PipelineInputError):
@@ -476,3 +478,19 @@ def test_shipped_models_text2image_and_inpaint(shipped_models):
     sd = SDEditPipeline.from_pretrained(shipped_models, device="cpu")
     res = sd("a red circle", noise_image(64, 64), strength=0.5, seed=1, num_inference_steps=4)
     assert res.images[0].size == (64, 64)
+
+
+def test_shipped_upsampler_keeps_the_picture(shipped_models):
+    """The upsampler starts part-way from the enlarged input: the 256 result, shrunk back to 64, is
+    the input within a few levels; the objects stay where they were, in their colours."""
+    from pipelines import shapes
+
+    up = UpsamplePipeline.from_pretrained(shipped_models, device="cpu")
+    spec = shapes.random_scene(1000)
+    small = shapes.render_array(spec, 64)
+    out = up(shapes.captions(spec)["dense"], Image.fromarray(small), seed=0)
+    assert out.params["strength"] == 0.4 and out.images[0].size == (256, 256)
+    shrunk = np.asarray(out.images[0].resize((64, 64), Image.BOX), dtype=np.float32)
+    assert np.abs(shrunk - small).mean() < 4.0
+    found = shapes.detect(out.images[0])
+    assert sorted((o.color, o.shape) for o in found.objects) == sorted((o.color, o.shape) for o in spec.objects)

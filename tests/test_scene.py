@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipelines import (InpaintPipeline, ModelStore, PipelineInputError, Scene, SceneError, SDEditPipeline,
                        Text2ImagePipeline, UpsamplePipeline)
+from pipelines.scene import Node
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -144,6 +145,17 @@ def test_replay_with_a_missing_model_reports_instead_of_crashing(store, tmp_path
     assert not report.all_reproduced
     assert report[0].reproduced is False and "CheckpointError" in report.errors[ids["gen"]]
     assert {r.node_id for r in report if r.reproduced} == {ids["small"]}  # import nodes need no model
+
+
+def test_params_recorded_before_part_way_upsampling_replay_from_noise():
+    # scenes saved before upsample_strength existed ran the upsampler from pure noise
+    old = {"id": "n1", "parent": None, "op": "generate", "params": {"pipeline": "text2image", "upsample_steps": "fast27"}}
+    assert Node.from_json(old).params["upsample_strength"] == 1.0
+    old_up = {"id": "n2", "parent": "n1", "op": "upsample", "params": {"pipeline": "upsample", "temperature": 0.997}}
+    assert Node.from_json(old_up).params["strength"] == 1.0
+    new = {"id": "n3", "parent": None, "op": "generate",
+           "params": {"pipeline": "text2image", "upsample_steps": 25, "upsample_strength": 0.4}}
+    assert Node.from_json(new).params["upsample_strength"] == 0.4
 
 
 def test_load_errors_and_missing_files(store, tmp_path):

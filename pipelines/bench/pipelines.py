@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         ("inpaint 64, fine-tuned", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0)),
         ("inpaint 64, replace", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, mode="replace", seed=0)),
         ("sdedit 64, strength 0.6", lambda: sdedit(prompt="a green triangle", image=blob, strength=0.6, seed=0)),
-        ("upsample 64 -> 256 (fast27)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
+        ("upsample 64 -> 256 (default)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
     ]
     print(f"device {args.device}, {torch.get_num_threads()} threads, default sampler {DEFAULT_SAMPLER} "
           f"{DEFAULT_STEPS} steps, median of {args.repeat}")
