@@ -1,12 +1,14 @@
 """How faithful the upsampler is to its input, by where it starts: shapes scenes are rendered at 64
 (the input) and at 256 (the truth), upsampled, and scored.
 
-    python -m pipelines.bench.upsample [--models PATH] [--scenes 12] [--device cpu]
+    python -m pipelines.bench.upsample [--models PATH] [--scenes 12] [--device cpu] [--sheet PNG]
 
 Columns: PSNR of the output against the true 256 render; the mean absolute difference (levels)
 between the output shrunk back to 64 and the input; how many outputs the shapes detector reads
 as the scene's objects (colour and shape); seconds per image. The baseline rows, in the same run,
 are the reference setting (from pure noise over "fast27") and plain bicubic enlargement.
+--sheet writes, for the first four scenes, rows of: the input (pixels enlarged), the reference
+setting, the default setting, the true 256 render.
 Not part of the test suite.
 """
 
@@ -22,6 +24,7 @@ from PIL import Image
 from .. import UpsamplePipeline, shapes
 from ..base import ModelStore, upsampler_steps
 from ..defaults import DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH
+from ..io import atomic_save_png
 
 SETTINGS = [  # (label, steps, sampler, strength)
     ("reference: from noise, fast27", "fast27", "ddim", 1.0),
@@ -51,6 +54,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default=None, help="models folder (default: the shipped models)")
     ap.add_argument("--scenes", type=int, default=12)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--sheet", default="", help="also write a comparison sheet (PNG) here")
     args = ap.parse_args(argv)
 
     up = UpsamplePipeline(ModelStore(args.models, device=args.device))
@@ -61,6 +65,7 @@ def main(argv=None) -> None:
                       shapes.captions(spec)["dense"], spec))
     print(f"{args.scenes} shapes scenes, 64 -> 256")
     print(f"{'setting':32s} {'steps run':>9s} {'PSNR dB':>8s} {'|shrunk-in|':>11s} {'detector':>8s} {'s/image':>8s}")
+    results = {}
     for label, steps, sampler, strength in SETTINGS:
         outputs, seconds = [], 0.0
         for k, (small, _, caption, _) in enumerate(cases):
@@ -69,6 +74,7 @@ def main(argv=None) -> None:
                      strength=strength, seed=k)
             seconds += time.perf_counter() - start
             outputs.append(np.asarray(out.images[0]))
+        results[label] = outputs
         n_steps = len(upsampler_steps(steps, strength)[0])
         psnr, diff, found = score(outputs, cases)
         print(f"{label:32s} {n_steps!s:>9s} {psnr:8.2f} {diff:11.2f} {found:>4d}/{args.scenes:<3d} "
@@ -76,6 +82,12 @@ def main(argv=None) -> None:
     bicubic = [cv2.resize(small, (256, 256), interpolation=cv2.INTER_CUBIC) for small, *_ in cases]
     psnr, diff, found = score(bicubic, cases)
     print(f"{'bicubic enlargement':32s} {'':>9s} {psnr:8.2f} {diff:11.2f} {found:>4d}/{args.scenes:<3d}")
+    if args.sheet:
+        rows = [np.concatenate([cv2.resize(small, (256, 256), interpolation=cv2.INTER_NEAREST),
+                                results[SETTINGS[0][0]][i], results["default"][i], truth.astype(np.uint8)], axis=1)
+                for i, (small, truth, _, _) in enumerate(cases[:4])]
+        atomic_save_png(args.sheet, Image.fromarray(np.concatenate(rows, axis=0)))
+        print(f"sheet (input | from noise, fast27 | default | true 256): {args.sheet}")
 
 
 if __name__ == "__main__":
