@@ -650,7 +650,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--groups", default=None, help="comma-separated prompt groups to run")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for t2i")
-    ap.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: pipeline's)")
+    ap.add_argument("--steps", type=lambda v: int(v) if v.isdigit() else v, default=None,
+                    help="num_inference_steps: an int or a respacing string such as ddim25 (default: pipeline's)")
     ap.add_argument("--inpaint-cases", type=int, default=32)
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
     ap.add_argument("--sdedit-cases", type=int, default=32)
