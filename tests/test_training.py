@@ -30,7 +30,7 @@ from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
-from pipelines.training.train import PRESETS, compute_losses, to_model_inputs
+from pipelines.training.train import PRESETS, caption_gain, compute_losses, to_model_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,
@@ -297,6 +297,9 @@ def test_finetune_inpaint_and_upsampler_stages_export_loadable_models(tmp_path, 
     assert model.config.inpaint and model.input_blocks[0][0].weight.shape[1] == 7
     assert model.info.name == "base-inpaint" and model.info.training["init"]["stage"] == "pretrain"
     assert (tmp_path / "inpaint/samples/step-00000002.png").is_file()
+    events = [json.loads(line) for line in (tmp_path / "inpaint/log.jsonl").read_text().splitlines()]
+    gains = [e["caption_gain"] for e in events if e.get("event") == "samples"]
+    assert gains and all(np.isfinite(g) for g in gains)
 
     up = run("upsampler", **{**common, "preset": "tiny-upsampler"}, out=str(tmp_path / "up"))
     upsampler = load_model(up.model_dir, device="cpu")
@@ -318,3 +321,14 @@ def test_cli_has_help_for_every_stage():
         assert exit_info.value.code == 0
     args = vars(parser.parse_args(["pretrain", "--max-steps", "5", "--compile"]))
     assert args == {"stage": "pretrain", "max_steps": 5, "compile": True}  # only what was given is passed on
+
+
+def test_caption_gain_measures_how_much_the_text_is_used(shipped_models):
+    model = load_model(shipped_models / "base", device="cpu", dtype=torch.float32)
+    data = TrainingDataset(ShapesSource(64), model.info.tokenizer, model.config.text_ctx, seed=7919, caption_drop=0.0)
+    schedule, cpu, no_amp = make_schedule(model.info.noise_schedule), torch.device("cpu"), contextlib.nullcontext()
+    assert caption_gain(model, data, schedule, cpu, no_amp, n=32) > 0.02  # the shipped base uses its text a little
+    for name, p in model.named_parameters():  # cut every path from the text to the image
+        if "encoder_kv" in name or "transformer_proj" in name:
+            p.data.zero_()
+    assert caption_gain(model, data, schedule, cpu, no_amp, n=32) == 0.0
