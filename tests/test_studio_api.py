@@ -94,6 +94,8 @@ def test_generate_endpoint(client):
     assert np.array_equal(np.asarray(images[1]), np.asarray(images_of(again)[1]))
     _, random_seed = client.predict(prompt="a red circle", upsample=False, **FAST, api_name="/generate")
     assert isinstance(random_seed["seed"], int)
+    _, unknown = client.predict(prompt="a crimson circle.", upsample=False, **FAST, api_name="/generate")
+    assert any("does not know the word 'crimson'" in w for w in unknown["warnings"])
 
 
 def test_inpaint_endpoint_keeps_pixels_outside_the_mask(client, files):
