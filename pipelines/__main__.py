@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt(p)
     p.add_argument("--temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
     p.add_argument("--strength", type=float, default=DEFAULT_UPSAMPLE_STRENGTH,
-                   help=f"start part-way from the enlarged image: 1 = from pure noise (default {DEFAULT_UPSAMPLE_STRENGTH})")
+                   help="start part-way from the enlarged image: 1 = from pure noise "
+                        f"(default {DEFAULT_UPSAMPLE_STRENGTH})")
     _common(p, guidance=None, steps=DEFAULT_UPSAMPLE_STEPS, sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("replay", help="re-run a saved scene and report which nodes reproduce bit-exactly")

@@ -61,7 +61,8 @@ class SDEditPipeline(MaskedEditPipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
-                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
+                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                          upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Read the image (and the mask: white = regenerate)
         image_arr = to_rgb_array(image)

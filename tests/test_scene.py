@@ -149,7 +149,8 @@ def test_replay_with_a_missing_model_reports_instead_of_crashing(store, tmp_path
 
 def test_params_recorded_before_part_way_upsampling_replay_from_noise():
     # scenes saved before upsample_strength existed ran the upsampler from pure noise
-    old = {"id": "n1", "parent": None, "op": "generate", "params": {"pipeline": "text2image", "upsample_steps": "fast27"}}
+    old = {"id": "n1", "parent": None, "op": "generate",
+           "params": {"pipeline": "text2image", "upsample_steps": "fast27"}}
     assert Node.from_json(old).params["upsample_strength"] == 1.0
     old_up = {"id": "n2", "parent": "n1", "op": "upsample", "params": {"pipeline": "upsample", "temperature": 0.997}}
     assert Node.from_json(old_up).params["strength"] == 1.0
