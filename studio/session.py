@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
-                                DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
+                                DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
 
 from .finetune import FineTuneError, FineTuner
 from .projects import Project, ProjectError, ProjectStore, _pl, check_id
@@ -796,11 +796,12 @@ class Studio:
         return self._api_call("sdedit", kwargs, model, project_id, image=img, mask=m)
 
     def api_upsample(self, prompt, image=None, steps=DEFAULT_UPSAMPLE_STEPS, seed=-1, num_images=1,
-                     model=DEFAULT_MODEL, project_id=""):
+                     model=DEFAULT_MODEL, project_id="", strength=DEFAULT_UPSAMPLE_STRENGTH):
         img = read_upload(image, "the image") if image is not None else None
         steps = str(steps or DEFAULT_UPSAMPLE_STEPS).strip()
         kwargs = dict(prompt=prompt or "", seed=self._api_seed(seed), num_images=int(num_images),
-                      num_inference_steps=int(steps) if steps.isdigit() else steps)
+                      num_inference_steps=int(steps) if steps.isdigit() else steps,
+                      strength=DEFAULT_UPSAMPLE_STRENGTH if strength is None else float(strength))
         return self._api_call("upsample", kwargs, model, project_id, image=img)
 
     def api_new_project(self, name=""):

@@ -21,7 +21,7 @@ import gradio as gr
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
-                                DEFAULT_UPSAMPLE_STEPS, SAMPLERS)
+                                DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
 
 from .projects import _pl
 from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Studio
@@ -228,7 +228,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                              a["guidance_scale"], a["seed"], a["num_images"], a["model"],
                                              a["project_id"]], out, api_name="sdedit", **MODEL_QUEUE)
         api["btn"].click(studio.api_upsample, [a["prompt"], a["image"], a["upsample_steps"], a["seed"],
-                                               a["num_images"], a["model"], a["project_id"]], out,
+                                               a["num_images"], a["model"], a["project_id"], a["strength_upsample"]],
+                         out,
                          api_name="upsample", **MODEL_QUEUE)
         api["btn"].click(studio.api_new_project, a["name"], a["json"], api_name="new_project")
         api["btn"].click(studio.api_project, a["project_id"], a["json"], api_name="project")
@@ -308,6 +309,7 @@ def _api_components() -> dict:
         "mode": gr.Dropdown(["finetuned", "replace"], value="finetuned", label="mode"),
         "strength_inpaint": gr.Number(1.0, label="strength"),
         "strength_sdedit": gr.Number(DEFAULT_SDEDIT_STRENGTH, label="strength"),
+        "strength_upsample": gr.Number(DEFAULT_UPSAMPLE_STRENGTH, label="strength"),
         "mask_blur": gr.Number(DEFAULT_MASK_BLUR, label="mask_blur"),
         "model": gr.Textbox("default", label="model"),
         "project_id": gr.Textbox("", label="project_id"),

@@ -122,6 +122,10 @@ def test_sdedit_and_upsample_endpoints(client, files):
     gallery, info = client.predict(prompt="a red circle", image=handle_file(files["small"]), steps="3", seed=3,
                                    api_name="/upsample")
     assert images_of(gallery)[0].size == (64, 64) and info["params"]["pipeline"] == "upsample"
+    assert info["params"]["strength"] == 0.4  # starts part-way from the enlarged image by default
+    _, info = client.predict(prompt="a red circle", image=handle_file(files["small"]), steps="3", seed=3, strength=1.0,
+                             api_name="/upsample")
+    assert info["params"]["strength"] == 1.0
 
 
 def test_bad_uploads_get_a_message_not_a_crash(client, files, tmp_path):
