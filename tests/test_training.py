@@ -30,7 +30,7 @@ from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
-from pipelines.training.train import PRESETS, caption_gain, compute_losses, to_model_inputs
+from pipelines.training.train import PRESETS, caption_gain, compute_losses, to_model_inputs, unknown_word_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,
@@ -332,3 +332,9 @@ def test_caption_gain_measures_how_much_the_text_is_used(shipped_models):
         if "encoder_kv" in name or "transformer_proj" in name:
             p.data.zero_()
     assert caption_gain(model, data, schedule, cpu, no_amp, n=32) == 0.0
+
+
+def test_unknown_caption_words_are_counted(tokenizer_file):
+    tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
+    assert unknown_word_fraction(tok, ["a red circle", "a blue star."]) == 0.0  # a full stop is not a word
+    assert unknown_word_fraction(tok, ["a fluffy dog", "a red circle"]) == 2 / 6

@@ -369,7 +369,7 @@ def caption_gain(model: GlideUNet, dataset: TrainingDataset, schedule, device, a
 
 
 def unknown_word_fraction(tokenizer: PromptTokenizer, captions: list[str]) -> float:
-    unk = tokenizer.hf.unk_token_id
+    unk = tokenizer.unk_id  # the wrapped tokenizer's own unk_token_id is None when read from tokenizer.json
     ids = [i for caption in captions for i in tokenizer.encode(caption)]
     return sum(i == unk for i in ids) / max(1, len(ids)) if unk is not None else 0.0
 
