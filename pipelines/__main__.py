@@ -21,11 +21,7 @@ from pathlib import Path
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
                        DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
-                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
-
-
-def _steps(value: str):
-    return int(value) if value.isdigit() else value
+                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS, steps_from_text)
 
 
 def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | str = DEFAULT_STEPS,
@@ -36,7 +32,7 @@ def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | 
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    g.add_argument("--steps", type=_steps, default=steps,
+    g.add_argument("--steps", type=steps_from_text, default=steps,
                    help=f"sampling steps: an int or a respacing string like 100, fast27, ddim25 (default {steps})")
     g.add_argument("--sampler", default=sampler, choices=SAMPLERS, help=f"default {sampler}")
     if guidance is not None:
@@ -60,7 +56,7 @@ def _upsample_args(p: argparse.ArgumentParser, sampler: str, auto: bool) -> None
                        help="force the upsampler stage (default: automatic)")
     g.add_argument("--no-upsample", dest="upsample", action="store_false",
                    **({} if auto else {"default": True}), help="stay at the base resolution")
-    g.add_argument("--upsample-steps", type=_steps, default=DEFAULT_UPSAMPLE_STEPS)
+    g.add_argument("--upsample-steps", type=steps_from_text, default=DEFAULT_UPSAMPLE_STEPS)
     g.add_argument("--upsample-sampler", default=sampler, choices=SAMPLERS)
     g.add_argument("--upsample-temperature", type=float, default=DEFAULT_UPSAMPLE_TEMPERATURE)
     g.add_argument("--upsample-strength", type=float, default=DEFAULT_UPSAMPLE_STRENGTH,

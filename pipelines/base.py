@@ -891,8 +891,8 @@ class MaskedEditPipeline(BasePipeline):
         up = None
         if up_role is not None:
             # the upsampler never starts earlier than the edit itself
-            kept_up = upsampler_steps(p["upsample_steps"], min(p["strength"], p["upsample_strength"]))
-            up = Stage(self._load(up_role, timings), up_channels, kept_up[0], kept_up[1],
+            up_timesteps, up_full = upsampler_steps(p["upsample_steps"], min(p["strength"], p["upsample_strength"]))
+            up = Stage(self._load(up_role, timings), up_channels, up_timesteps, up_full,
                        p["upsample_sampler"], 1.0, p["upsample_temperature"])
         params["device"], params["dtype"] = str(base_model.device), str(base_model.dtype).replace("torch.", "")
         warnings += self._replay_warnings(*recorded, params)

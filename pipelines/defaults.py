@@ -1,13 +1,16 @@
 """The sampling defaults of every entry point, in one place.
 
 The pipelines' signatures, the CLI (`python -m pipelines`), the studio's settings panel and its
-HTTP API (`api_*`) all read them from here; change a default here and nowhere else.
+HTTP API (`api_*`) all read them from here; change a default here and nowhere else. `steps_from_text`
+reads a steps value typed as text the same way for all of them.
 This module imports nothing: the studio reads it before torch is imported (its page is served first).
 
 Sampler: the shipped default models (assets/models) are undertrained; with them the deterministic
 samplers (DDIM, DPM-Solver++) leave speckle noise while ancestral DDPM gives clean shapes
 (measured on the 2-core CPU: ddpm 25 steps ~ 3.2 s/image, dpm++ 15 steps ~ 2.7 s/image).
 """
+
+from __future__ import annotations
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
@@ -31,3 +34,8 @@ DEFAULT_UPSAMPLE_STRENGTH = 0.4
 DEFAULT_UPSAMPLE_SAMPLER = "ddim"
 DEFAULT_UPSAMPLE_SAMPLER_INPAINT = "ddpm"  # GLIDE's inpainting notebook samples the upsampler ancestrally
 DEFAULT_UPSAMPLE_TEMPERATURE = 0.997
+
+
+def steps_from_text(value: str) -> int | str:
+    """A steps value typed as text (CLI, studio API): "25" -> 25; a respacing string stays as it is."""
+    return int(value) if value.isdigit() else value

@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
-                                DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
+                                DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS, steps_from_text)
 
 from .finetune import FineTuneError, FineTuner
 from .projects import Project, ProjectError, ProjectStore, _pl, check_id
@@ -800,7 +800,7 @@ class Studio:
         img = read_upload(image, "the image") if image is not None else None
         steps = str(steps or DEFAULT_UPSAMPLE_STEPS).strip()
         kwargs = dict(prompt=prompt or "", seed=self._api_seed(seed), num_images=int(num_images),
-                      num_inference_steps=int(steps) if steps.isdigit() else steps,
+                      num_inference_steps=steps_from_text(steps),
                       strength=DEFAULT_UPSAMPLE_STRENGTH if strength is None else float(strength))
         return self._api_call("upsample", kwargs, model, project_id, image=img)
 

@@ -58,6 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import shapes as W
+from pipelines.defaults import steps_from_text
 
 PROMPTS_V1 = Path(__file__).with_name("shapes_prompts_v1.json")
 DEFAULT_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -650,7 +651,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--groups", default=None, help="comma-separated prompt groups to run")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per group")
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for t2i")
-    ap.add_argument("--steps", type=lambda v: int(v) if v.isdigit() else v, default=None,
+    ap.add_argument("--steps", type=steps_from_text, default=None,
                     help="num_inference_steps: an int or a respacing string such as ddim25 (default: pipeline's)")
     ap.add_argument("--inpaint-cases", type=int, default=32)
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
