@@ -95,11 +95,13 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
                                    "        return i && i.complete && i.naturalWidth > 0; }", timeout=60000)
             page.wait_for_function("() => /step \\d+\\/\\d+/.test(document.querySelector('#status').innerText)",
                                    timeout=30000)  # the progress bar, with the step count
-            page.screenshot(path=str(shots / "studio_running.png"), full_page=True)
-            print(f"screenshot: {shots / 'studio_running.png'}")
+            # Stop at once: the run takes only seconds with the tiny models, and a screenshot first could
+            # outlast it (the part-way upsampler made it about 6 s instead of 11 s)
             page.click("#stop")
             page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')",
                                    timeout=30000)
+            page.screenshot(path=str(shots / "studio_stopped.png"), full_page=True)
+            print(f"screenshot: {shots / 'studio_stopped.png'}")
             assert page.evaluate("() => document.querySelectorAll('#history img').length") == 2
 
             # a reload restores the project from the id kept in the browser
