@@ -50,7 +50,7 @@ RUN_OUTPUTS = ("preview", "status", "results", "seed") + WORKSPACE_OUTPUTS
 LOAD_OUTPUTS = WORKSPACE_OUTPUTS + ("results", "projects", "project_name", "model", "status", "prompt")
 # The settings panel, in the order every run handler takes them after its own inputs.
 SETTINGS = ("steps", "sampler", "guidance", "seed_mode", "seed", "num_images", "mask_blur", "inpaint_mode",
-            "upsample", "model")
+            "upsample", "upsample_strength", "model")
 
 # op -> pipeline class name in `pipelines` (imported on first use: see projects._pl)
 OPS = {"generate": "Text2ImagePipeline", "inpaint": "InpaintPipeline", "sdedit": "SDEditPipeline",
@@ -478,6 +478,9 @@ class Studio:
         s["num_images"] = int(s["num_images"])
         s["guidance"] = float(s["guidance"])
         s["mask_blur"] = float(s["mask_blur"])
+        s["upsample_strength"] = float(s["upsample_strength"])
+        if not 0 < s["upsample_strength"] <= 1:
+            raise gr.Error(f"upsampler strength must be in (0, 1], got {s['upsample_strength']}")
         if s["sampler"] not in SAMPLERS:
             raise gr.Error(f"unknown sampler {s['sampler']!r}")
         return s
@@ -491,18 +494,18 @@ class Studio:
     # Run handlers take the settings panel's values as named parameters, in SETTINGS order (Gradio
     # injects gr.Request / gr.Progress only into positional parameters, so no *args here).
     def generate(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
-                 inpaint_mode, upsample, model,
+                 inpaint_mode, upsample, upsample_strength, model,
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
-                           upsample, model)
+                           upsample, upsample_strength, model)
         kwargs = self._sampling_kwargs("generate", prompt, negative, s)
         yield from self._ui_run("generate", pid, s, kwargs, request, progress)
 
     def inpaint(self, pid, canvas, prompt, negative, invert, steps, sampler, guidance, seed_mode, seed,
-                num_images, mask_blur, inpaint_mode, upsample, model,
+                num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model,
                 request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
-                           upsample, model)
+                           upsample, upsample_strength, model)
         image = self._current_image(self._project(pid), "inpaint")
         painted = editor_layers_alpha(canvas)
         if painted is None and not invert:
@@ -515,10 +518,10 @@ class Studio:
         yield from self._ui_run("inpaint", pid, s, kwargs, request, progress, mask=mask)
 
     def sdedit(self, pid, canvas, prompt, negative, strength, only_sketched, steps, sampler, guidance, seed_mode,
-               seed, num_images, mask_blur, inpaint_mode, upsample, model,
+               seed, num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model,
                request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
-                           upsample, model)
+                           upsample, upsample_strength, model)
         project = self._project(pid)
         sketch = editor_composite(canvas)
         if sketch is None:
@@ -541,13 +544,13 @@ class Studio:
         yield from self._ui_run("sdedit", pid, s, kwargs, request, progress, mask=mask, input_image=sketch)
 
     def upsample(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
-                 inpaint_mode, upsample, model,
+                 inpaint_mode, upsample, upsample_strength, model,
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
-                           upsample, model)
+                           upsample, upsample_strength, model)
         kwargs = dict(prompt=prompt or "", negative_prompt=negative or "",
                       image=self._current_image(self._project(pid), "upsample"), num_images=s["num_images"],
-                      seed=s["seed"])
+                      seed=s["seed"], strength=s["upsample_strength"])
         yield from self._ui_run("upsample", pid, s, kwargs, request, progress)
 
     @staticmethod
@@ -560,7 +563,8 @@ class Studio:
         """The settings-panel values every diffusion action (generate, inpaint, sdedit) passes on."""
         return dict(prompt=prompt or "", negative_prompt=negative or "", num_images=s["num_images"],
                     num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
-                    seed=s["seed"], upsample=self._upsample_flag(s["upsample"], op))
+                    seed=s["seed"], upsample=self._upsample_flag(s["upsample"], op),
+                    upsample_strength=s["upsample_strength"])
 
     def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None):
         """Run a pipeline with live previews, then record the result and send the new workspace."""

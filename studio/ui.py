@@ -139,6 +139,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                      info="finetuned = the inpainting model; replace = any model")
                     with gr.Row():
                         s["upsample"] = gr.Radio(["auto", "on", "off"], value="auto", label="Upsampler (64 → 256)")
+                        s["upsample_strength"] = gr.Slider(
+                            0.1, 1.0, value=DEFAULT_UPSAMPLE_STRENGTH, step=0.05, label="Upsampler strength",
+                            elem_id="upsample_strength",
+                            info="lower keeps the 64 px picture; 1 = redraw from noise (the GLIDE notebooks)")
                         s["model"] = c["model"] = gr.Dropdown(
                             studio.models.choices(), value="default", label="Model", allow_custom_value=False,
                             info=f"default = {studio.models.models_dir}; fine-tuned models join this list")

@@ -220,7 +220,8 @@ def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
     settings = dict(steps=200, sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
-                    mask_blur=4, inpaint_mode="finetuned", upsample="off", model="default")
+                    mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
+                    model="default")
     from studio.session import RUN_OUTPUTS, SETTINGS
 
     frames = []
@@ -244,6 +245,33 @@ def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
     assert not worker.is_alive() and time.perf_counter() - t0 < 10
     assert "Stopped" in frames[-1]["status"]
     assert len(project.scene) == 0 and "me" not in studio._active
+
+
+def test_settings_panel_upsampler_strength_reaches_the_cascade(tmp_path, tiny_models):
+    """The Settings panel's upsampler strength is used by Generate and recorded with the node (so a
+    replay uses it); a value outside (0, 1] is refused with a message and records nothing."""
+    import gradio as gr
+
+    from studio.session import RUN_OUTPUTS, SETTINGS
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    settings = dict(steps=3, sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
+                    mask_blur=4, inpaint_mode="finetuned", upsample="on", upsample_strength=0.25,
+                    model="default")
+
+    def generate(**changes):
+        values = [{**settings, **changes}[k] for k in SETTINGS]
+        frames = list(studio.generate(project.id, "a red circle", "", *values, request=_Request("me"),
+                                      progress=lambda *a, **k: None))
+        return dict(zip(RUN_OUTPUTS, frames[-1]))
+
+    assert "done" in generate()["status"]
+    node = project.scene.current
+    assert node.params["upsample_strength"] == 0.25 and project.scene.image(node.id).size == (64, 64)  # 16 -> 64
+    with pytest.raises(gr.Error, match="upsampler strength"):
+        generate(upsample_strength=0)
+    assert len(project.scene) == 1
 
 
 STUB_TRAINER = r'''
