@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
-                       DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
+                       DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS, steps_from_text)
 
@@ -73,7 +73,7 @@ def _mask_args(p: argparse.ArgumentParser, strength: float) -> None:
 
 
 def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: str, strength: float,
-                  guidance: float, upsample_sampler: str) -> argparse.ArgumentParser:
+                  guidance: float, steps: int | str, upsample_sampler: str) -> argparse.ArgumentParser:
     """The arguments inpaint and sdedit share: an image, a mask, a prompt, the mask and sampling
     options and an automatic upsampler stage."""
     p = sub.add_parser(name, help=help)
@@ -81,7 +81,7 @@ def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: 
     p.add_argument("--mask", required=mask_required, default=None, help=mask_help)
     _prompt(p)
     _mask_args(p, strength)
-    _common(p, guidance=guidance)
+    _common(p, guidance=guidance, steps=steps)
     _upsample_args(p, upsample_sampler, auto=True)
     return p
 
@@ -98,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _edit_command(sub, "inpaint", "regenerate the white part of a mask", mask_required=True,
                       mask_help="white = regenerate, black = keep", strength=1.0, guidance=DEFAULT_GUIDANCE_INPAINT,
-                      upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER_INPAINT)
+                      steps=DEFAULT_STEPS_INPAINT, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER_INPAINT)
     p.add_argument("--mode", choices=["finetuned", "replace"], default="finetuned",
                    help="finetuned: the inpainting model; replace: any model, known region replaced each step")
 
     _edit_command(sub, "sdedit", "turn a sketch (strokes over an image or a blank canvas) into an image",
                   mask_required=False, mask_help="optional: only the white part changes", strength=DEFAULT_SDEDIT_STRENGTH,
-                  guidance=DEFAULT_GUIDANCE, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER)
+                  guidance=DEFAULT_GUIDANCE, steps=DEFAULT_STEPS, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("upsample", help="64x64 → 256x256 with the text-conditional upsampler")
     p.add_argument("--image", required=True)

@@ -8,6 +8,14 @@ This module imports nothing: the studio reads it before torch is imported (its p
 Sampler: the shipped default models (assets/models) are undertrained; with them the deterministic
 samplers (DDIM, DPM-Solver++) leave speckle noise while ancestral DDPM gives clean shapes
 (measured on the 2-core CPU: ddpm 25 steps ~ 3.2 s/image, dpm++ 15 steps ~ 2.7 s/image).
+
+Steps: "ddim15" keeps 15 timesteps at one stride from 0 (0, 67, ..., 938), so it never runs t = 999,
+where the cosine schedule's alpha-bar is 2.4e-9 and the x_0 implied by an eps prediction is noise
+amplified 20,000x (it plants an off-palette background that later steps keep). On the shapes
+benchmark (python -m pipelines.bench.shapes, 60 text-to-image images, 24 SDEdit cases) "ddim15"
+matched or beat the even spacing 25 (which includes t = 999) in 40% fewer steps: background
+33% vs 8%, colour 26 vs 18%, shape 35 vs 26%, count 35 vs 25%; SDEdit whole prompt 33 vs 29%.
+Inpainting keeps 25 evenly spaced steps: with ddim15 its seam score was worse (3.6 vs 2.3).
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 DEFAULT_SAMPLER = "ddpm"
-DEFAULT_STEPS = 25  # kept timesteps of the base stage (an int N means respace(1000, N))
+DEFAULT_STEPS = "ddim15"  # kept timesteps of the base stage: text-to-image and SDEdit (see above)
+DEFAULT_STEPS_INPAINT = 25  # inpainting (an int N means respace(1000, N): N evenly spaced, t = 999 included)
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale: text-to-image and SDEdit
 DEFAULT_GUIDANCE_INPAINT = 5.0  # classifier-free guidance scale: inpainting
 DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
@@ -36,6 +45,7 @@ DEFAULT_UPSAMPLE_SAMPLER_INPAINT = "ddpm"  # GLIDE's inpainting notebook samples
 DEFAULT_UPSAMPLE_TEMPERATURE = 0.997
 
 
-def steps_from_text(value: str) -> int | str:
+def steps_from_text(value) -> int | str:
     """A steps value typed as text (CLI, studio API): "25" -> 25; a respacing string stays as it is."""
+    value = str(value).strip()
     return int(value) if value.isdigit() else value

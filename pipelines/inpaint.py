@@ -21,9 +21,9 @@ import torch
 
 from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
-from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
-                       DEFAULT_UPSAMPLE_TEMPERATURE)
+from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
+                       DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
+                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 MODES = ("finetuned", "replace")
 
@@ -45,7 +45,7 @@ class InpaintPipeline(MaskedEditPipeline):
     @torch.inference_mode()
     def __call__(self, prompt: str, image, mask_image, *, negative_prompt: str = "", mode: str = "finetuned",
                  strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING, num_images: int = 1,
-                 num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                 num_inference_steps: int | str = DEFAULT_STEPS_INPAINT, sampler: str = DEFAULT_SAMPLER,
                  guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER_INPAINT,

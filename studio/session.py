@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
-                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
+                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                                 DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS, steps_from_text)
 
 from .finetune import FineTuneError, FineTuner
@@ -474,7 +474,8 @@ class Studio:
         if not 0 <= seed < 2**63:
             raise gr.Error(f"seed must be a non-negative integer, got {seed}")
         s["seed"] = seed
-        s["steps"] = int(s["steps"])
+        # "auto": each action's own default (DEFAULT_STEPS, or DEFAULT_STEPS_INPAINT for inpainting)
+        s["steps"] = None if str(s["steps"] or "auto").strip() == "auto" else steps_from_text(s["steps"])
         s["num_images"] = int(s["num_images"])
         s["guidance"] = float(s["guidance"])
         s["mask_blur"] = float(s["mask_blur"])
@@ -561,10 +562,11 @@ class Studio:
 
     def _sampling_kwargs(self, op, prompt, negative, s) -> dict:
         """The settings-panel values every diffusion action (generate, inpaint, sdedit) passes on."""
+        steps = {} if s["steps"] is None else {"num_inference_steps": s["steps"]}
         return dict(prompt=prompt or "", negative_prompt=negative or "", num_images=s["num_images"],
-                    num_inference_steps=s["steps"], sampler=s["sampler"], guidance_scale=s["guidance"],
-                    seed=s["seed"], upsample=self._upsample_flag(s["upsample"], op),
-                    upsample_strength=s["upsample_strength"])
+                    sampler=s["sampler"], guidance_scale=s["guidance"], seed=s["seed"],
+                    upsample=self._upsample_flag(s["upsample"], op), upsample_strength=s["upsample_strength"],
+                    **steps)
 
     def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None):
         """Run a pipeline with live previews, then record the result and send the new workspace."""
@@ -771,21 +773,22 @@ class Studio:
     def api_generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
                      guidance_scale=DEFAULT_GUIDANCE, seed=-1, num_images=1, upsample=True, model=DEFAULT_MODEL,
                      project_id=""):
-        kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", num_inference_steps=int(steps),
-                      sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
+        kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "",
+                      num_inference_steps=steps_from_text(steps or DEFAULT_STEPS), sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
                       num_images=int(num_images), upsample=bool(upsample))
         return self._api_call("generate", kwargs, model, project_id)
 
     def api_inpaint(self, prompt, image=None, mask=None, negative_prompt="", mode="finetuned", strength=1.0,
-                    mask_blur=DEFAULT_MASK_BLUR, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE_INPAINT,
-                    seed=-1, num_images=1, model=DEFAULT_MODEL, project_id=""):
+                    mask_blur=DEFAULT_MASK_BLUR, steps=DEFAULT_STEPS_INPAINT, sampler=DEFAULT_SAMPLER,
+                    guidance_scale=DEFAULT_GUIDANCE_INPAINT, seed=-1, num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
         if mask is None:
             raise gr.Error("the mask is missing (white = regenerate)")
         m = read_upload(mask, "the mask").convert("L")
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", mode=mode, strength=float(strength),
-                      mask_blur=float(mask_blur), num_inference_steps=int(steps), sampler=sampler,
-                      guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images))
+                      mask_blur=float(mask_blur), num_inference_steps=steps_from_text(steps or DEFAULT_STEPS_INPAINT),
+                      sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
+                      num_images=int(num_images))
         return self._api_call("inpaint", kwargs, model, project_id, image=img, mask=m)
 
     def api_sdedit(self, prompt, image=None, strength=DEFAULT_SDEDIT_STRENGTH, mask=None, negative_prompt="",
@@ -795,16 +798,16 @@ class Studio:
         img = read_upload(image, "the image") if image is not None else None
         m = read_upload(mask, "the mask").convert("L") if mask is not None else None
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", strength=float(strength),
-                      mask_blur=float(mask_blur), num_inference_steps=int(steps), sampler=sampler,
-                      guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images))
+                      mask_blur=float(mask_blur), num_inference_steps=steps_from_text(steps or DEFAULT_STEPS),
+                      sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
+                      num_images=int(num_images))
         return self._api_call("sdedit", kwargs, model, project_id, image=img, mask=m)
 
     def api_upsample(self, prompt, image=None, steps=DEFAULT_UPSAMPLE_STEPS, seed=-1, num_images=1,
                      model=DEFAULT_MODEL, project_id="", strength=DEFAULT_UPSAMPLE_STRENGTH):
         img = read_upload(image, "the image") if image is not None else None
-        steps = str(steps or DEFAULT_UPSAMPLE_STEPS).strip()
         kwargs = dict(prompt=prompt or "", seed=self._api_seed(seed), num_images=int(num_images),
-                      num_inference_steps=steps_from_text(steps),
+                      num_inference_steps=steps_from_text(steps or DEFAULT_UPSAMPLE_STEPS),
                       strength=DEFAULT_UPSAMPLE_STRENGTH if strength is None else float(strength))
         return self._api_call("upsample", kwargs, model, project_id, image=img)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
-                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS,
+                                DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                                 DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
 
 from .projects import _pl
@@ -124,7 +124,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         s = {}
-                        s["steps"] = gr.Slider(3, 100, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
+                        s["steps"] = gr.Dropdown(
+                            ["auto", "ddim10", "ddim15", "ddim25", "ddim50", "15", "25", "50", "100", "fast27"],
+                            value="auto", allow_custom_value=True, label="Steps", elem_id="steps",
+                            info=f"auto = {DEFAULT_STEPS} ({DEFAULT_STEPS_INPAINT} for inpainting); N = N evenly "
+                                 "spaced steps; ddimN = N steps that skip the noisiest one")
                         s["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
                         s["guidance"] = gr.Slider(1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale")
                         s["num_images"] = gr.Slider(1, 8, value=1, step=1, label="Variations", elem_id="variations")
@@ -224,7 +228,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                a["guidance_scale"], a["seed"], a["num_images"], a["upsample"],
                                                a["model"], a["project_id"]], out, api_name="generate", **MODEL_QUEUE)
         api["btn"].click(studio.api_inpaint, [a["prompt"], a["image"], a["mask"], a["negative_prompt"], a["mode"],
-                                              a["strength_inpaint"], a["mask_blur"], a["steps"], a["sampler"],
+                                              a["strength_inpaint"], a["mask_blur"], a["steps_inpaint"], a["sampler"],
                                               a["guidance_inpaint"], a["seed"], a["num_images"], a["model"],
                                               a["project_id"]], out, api_name="inpaint", **MODEL_QUEUE)
         api["btn"].click(studio.api_sdedit, [a["prompt"], a["image"], a["strength_sdedit"], a["mask_optional"],
@@ -302,7 +306,8 @@ def _api_components() -> dict:
         "image": gr.File(label="image", type="filepath"),
         "mask": gr.File(label="mask", type="filepath"),
         "mask_optional": gr.File(label="mask", type="filepath"),
-        "steps": gr.Number(DEFAULT_STEPS, precision=0, label="steps"),
+        "steps": gr.Textbox(DEFAULT_STEPS, label="steps"),
+        "steps_inpaint": gr.Textbox(str(DEFAULT_STEPS_INPAINT), label="steps"),
         "upsample_steps": gr.Textbox(DEFAULT_UPSAMPLE_STEPS, label="steps"),
         "sampler": gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler"),
         "guidance_scale": gr.Number(DEFAULT_GUIDANCE, label="guidance_scale"),

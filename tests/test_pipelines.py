@@ -444,19 +444,22 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
     from pipelines import defaults as D
     from pipelines.__main__ import build_parser
 
-    guidance = {Text2ImagePipeline: D.DEFAULT_GUIDANCE, SDEditPipeline: D.DEFAULT_GUIDANCE,
-                InpaintPipeline: D.DEFAULT_GUIDANCE_INPAINT}
-    for cls, scale in guidance.items():
+    assert (D.DEFAULT_STEPS, D.DEFAULT_STEPS_INPAINT) == ("ddim15", 25)
+    defaults = {Text2ImagePipeline: (D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
+                SDEditPipeline: (D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
+                InpaintPipeline: (D.DEFAULT_STEPS_INPAINT, D.DEFAULT_GUIDANCE_INPAINT)}
+    for cls, (steps, scale) in defaults.items():
         params = inspect.signature(cls.__call__).parameters
-        assert params["num_inference_steps"].default == D.DEFAULT_STEPS == 25
+        assert params["num_inference_steps"].default == steps
         assert params["sampler"].default == D.DEFAULT_SAMPLER == "ddpm"
         assert params["guidance_scale"].default == scale
     files = ["--image", "in.png", "--mask", "mask.png"]
-    cli = {"generate": ([], D.DEFAULT_GUIDANCE), "sdedit": (files, D.DEFAULT_GUIDANCE),
-           "inpaint": (files, D.DEFAULT_GUIDANCE_INPAINT)}
-    for command, (extra, scale) in cli.items():
+    cli = {"generate": ([], D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
+           "sdedit": (files, D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
+           "inpaint": (files, D.DEFAULT_STEPS_INPAINT, D.DEFAULT_GUIDANCE_INPAINT)}
+    for command, (extra, steps, scale) in cli.items():
         args = build_parser().parse_args([command, "--prompt", "x", *extra])
-        assert (args.steps, args.sampler, args.guidance_scale) == (D.DEFAULT_STEPS, D.DEFAULT_SAMPLER, scale)
+        assert (args.steps, args.sampler, args.guidance_scale) == (steps, D.DEFAULT_SAMPLER, scale)
 
 
 # -----------------------------------------------------------------------------

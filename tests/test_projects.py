@@ -247,16 +247,18 @@ def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
     assert len(project.scene) == 0 and "me" not in studio._active
 
 
-def test_settings_panel_upsampler_strength_reaches_the_cascade(tmp_path, tiny_models):
-    """The Settings panel's upsampler strength is used by Generate and recorded with the node (so a
-    replay uses it); a value outside (0, 1] is refused with a message and records nothing."""
+def test_settings_panel_steps_and_upsampler_strength_reach_the_pipelines(tmp_path, tiny_models):
+    """The Settings panel's steps ("auto" = the action's default) and upsampler strength are used by
+    Generate and recorded with the node (so a replay uses them); a value the pipelines refuse (a
+    strength outside (0, 1], an impossible spacing) gets a message and records nothing."""
     import gradio as gr
 
+    from pipelines.defaults import DEFAULT_STEPS
     from studio.session import RUN_OUTPUTS, SETTINGS
 
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    settings = dict(steps=3, sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
+    settings = dict(steps="auto", sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
                     mask_blur=4, inpaint_mode="finetuned", upsample="on", upsample_strength=0.25,
                     model="default")
 
@@ -268,10 +270,14 @@ def test_settings_panel_upsampler_strength_reaches_the_cascade(tmp_path, tiny_mo
 
     assert "done" in generate()["status"]
     node = project.scene.current
+    assert node.params["num_inference_steps"] == DEFAULT_STEPS
     assert node.params["upsample_strength"] == 0.25 and project.scene.image(node.id).size == (64, 64)  # 16 -> 64
     with pytest.raises(gr.Error, match="upsampler strength"):
         generate(upsample_strength=0)
-    assert len(project.scene) == 1
+    with pytest.raises(gr.Error, match="ddim37"):
+        generate(steps="ddim37")
+    assert "done" in generate(steps="4")["status"] and project.scene.current.params["num_inference_steps"] == 4
+    assert len(project.scene) == 2
 
 
 STUB_TRAINER = r'''

@@ -82,7 +82,15 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
 
             # a long run (8 variations, 100 steps, upsampled) shows live previews; Stop ends it
             page.get_by_role("button", name="Settings ▼").click()
-            for slider, value in (("#steps", "100"), ("#variations", "8")):
+            steps = page.locator("#steps input")  # a dropdown that takes typed values
+            for _ in range(10):
+                steps.fill("100")
+                steps.press("Enter")
+                page.wait_for_timeout(200)
+                if steps.input_value() == "100":
+                    break
+            sync_api.expect(steps).to_have_value("100")
+            for slider, value in (("#variations", "8"),):
                 for _ in range(10):  # the accordion's content may still be settling: retry until it sticks
                     page.locator(f"{slider} input[type=number]").fill(value)
                     page.keyboard.press("Tab")
@@ -93,8 +101,9 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
             page.click("#generate")
             page.wait_for_function("() => { const i = document.querySelector('#preview img');"
                                    "        return i && i.complete && i.naturalWidth > 0; }", timeout=60000)
-            page.wait_for_function("() => /step \\d+\\/\\d+/.test(document.querySelector('#status').innerText)",
-                                   timeout=30000)  # the progress bar, with the step count
+            # the progress bar, with the step count: the typed 100 base steps + 10 of the upsampler
+            page.wait_for_function("() => /step \\d+\\/110/.test(document.querySelector('#status').innerText)",
+                                   timeout=30000)
             # Stop at once: the run takes only seconds with the tiny models, and a screenshot first could
             # outlast it (the part-way upsampler made it about 6 s instead of 11 s)
             page.click("#stop")

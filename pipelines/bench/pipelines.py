@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from .. import InpaintPipeline, SDEditPipeline, Text2ImagePipeline, UpsamplePipeline
-from ..base import DEFAULT_SAMPLER, DEFAULT_STEPS, ModelStore
+from ..base import ModelStore
+from ..defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT
 from ..shapes import inpaint_case, render, random_scene
 
 
@@ -57,6 +58,8 @@ def main(argv=None) -> None:
         ("text-to-image 64 (default)", lambda: t2i(prompt="a red circle", seed=0, upsample=False)),
         ("text-to-image 64 (GLIDE notebook: ddpm 100)",
          lambda: t2i(prompt="a red circle", seed=0, upsample=False, sampler="ddpm", num_inference_steps="100")),
+        ("text-to-image 64 (25 evenly spaced, with t=999)",
+         lambda: t2i(prompt="a red circle", seed=0, upsample=False, num_inference_steps=25)),
         ("text-to-image 64 -> 256 (default)", lambda: t2i(prompt="a red circle", seed=0)),
         ("inpaint 64, fine-tuned", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0)),
         ("inpaint 64, replace", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, mode="replace", seed=0)),
@@ -64,7 +67,7 @@ def main(argv=None) -> None:
         ("upsample 64 -> 256 (default)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
     ]
     print(f"device {args.device}, {torch.get_num_threads()} threads, default sampler {DEFAULT_SAMPLER} "
-          f"{DEFAULT_STEPS} steps, median of {args.repeat}")
+          f"{DEFAULT_STEPS} steps ({DEFAULT_STEPS_INPAINT} for inpainting), median of {args.repeat}")
     results = {}
     for name, call in rows:
         results[name] = median_seconds(call, args.repeat)

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import shapes as W
-from pipelines.defaults import steps_from_text
+from pipelines.defaults import SAMPLERS, steps_from_text
 
 PROMPTS_V1 = Path(__file__).with_name("shapes_prompts_v1.json")
 DEFAULT_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -605,6 +605,8 @@ def _pipeline_model(args):
 
     cache: dict = {}
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
+    if args.sampler:
+        kw["sampler"] = args.sampler
 
     def get(name):
         if name not in cache:
@@ -653,6 +655,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--guidance", type=float, default=3.0, help="guidance scale for t2i")
     ap.add_argument("--steps", type=steps_from_text, default=None,
                     help="num_inference_steps: an int or a respacing string such as ddim25 (default: pipeline's)")
+    ap.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: pipeline's)")
     ap.add_argument("--inpaint-cases", type=int, default=32)
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
     ap.add_argument("--sdedit-cases", type=int, default=32)
