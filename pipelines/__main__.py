@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finetuned: the inpainting model; replace: any model, known region replaced each step")
 
     _edit_command(sub, "sdedit", "turn a sketch (strokes over an image or a blank canvas) into an image",
-                  mask_required=False, mask_help="optional: only the white part changes", strength=DEFAULT_SDEDIT_STRENGTH,
+                  mask_required=False, mask_help="optional: only the white part changes",
+                  strength=DEFAULT_SDEDIT_STRENGTH,
                   guidance=DEFAULT_GUIDANCE, steps=DEFAULT_STEPS, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER)
 
     p = sub.add_parser("upsample", help="64x64 → 256x256 with the text-conditional upsampler")

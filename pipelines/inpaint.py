@@ -44,7 +44,8 @@ class InpaintPipeline(MaskedEditPipeline):
     @reproducible
     @torch.inference_mode()
     def __call__(self, prompt: str, image, mask_image, *, negative_prompt: str = "", mode: str = "finetuned",
-                 strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING, num_images: int = 1,
+                 strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING,
+                 num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS_INPAINT, sampler: str = DEFAULT_SAMPLER,
                  guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH,
+                       DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
                        DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
@@ -37,8 +37,9 @@ class SDEditPipeline(MaskedEditPipeline):
 
     @reproducible
     @torch.inference_mode()
-    def __call__(self, prompt: str, image, strength: float = DEFAULT_SDEDIT_STRENGTH, mask_image=None, *, negative_prompt: str = "",
-                 mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING, num_images: int = 1,
+    def __call__(self, prompt: str, image, strength: float = DEFAULT_SDEDIT_STRENGTH, mask_image=None, *,
+                 negative_prompt: str = "", mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING,
+                 num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
                  guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,

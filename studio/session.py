@@ -774,8 +774,9 @@ class Studio:
                      guidance_scale=DEFAULT_GUIDANCE, seed=-1, num_images=1, upsample=True, model=DEFAULT_MODEL,
                      project_id=""):
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "",
-                      num_inference_steps=steps_from_text(steps or DEFAULT_STEPS), sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
-                      num_images=int(num_images), upsample=bool(upsample))
+                      num_inference_steps=steps_from_text(steps or DEFAULT_STEPS), sampler=sampler,
+                      guidance_scale=float(guidance_scale), seed=self._api_seed(seed), num_images=int(num_images),
+                      upsample=bool(upsample))
         return self._api_call("generate", kwargs, model, project_id)
 
     def api_inpaint(self, prompt, image=None, mask=None, negative_prompt="", mode="finetuned", strength=1.0,

@@ -90,7 +90,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                            "#fb8c00", "#ffffff", "#000000", "#9e9e9e"]),
                                     eraser=gr.Eraser(default_size=16))
                                 with gr.Row():
-                                    strength = gr.Slider(0.05, 1.0, value=DEFAULT_SDEDIT_STRENGTH, step=0.05, label="Sketch strength",
+                                    strength = gr.Slider(0.05, 1.0, value=DEFAULT_SDEDIT_STRENGTH, step=0.05,
+                                                         label="Sketch strength",
                                                          info="how far from the sketch: 0 = keep it, 1 = ignore it")
                                     only_sketched = gr.Checkbox(True, label="Change only the sketched area")
                                     clear_sketch = gr.Button("Clear sketch", size="sm")
