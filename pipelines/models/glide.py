@@ -261,7 +261,8 @@ class AttentionBlock(nn.Module):
         ekv = self.encoder_kv(encoder_out)  # (B, 2C, S), per head [k|v]
         ek, ev = ekv.reshape(B, heads, 2 * C // heads, -1).transpose(2, 3).chunk(2, dim=-1)  # (B, nh, S, hs)
         k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        # SDPA's fused CPU kernel needs unit stride in the last dim (else it falls back to the slow math path)
+        h = F.scaled_dot_product_attention(q.contiguous(), k, v)  # (B, nh, T, hs)
         h = self.proj_out(h.transpose(2, 3).reshape(B, C, H * W))
         return x + h.reshape(B, C, H, W)
 
