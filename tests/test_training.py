@@ -108,6 +108,36 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer_file):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
+def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tokenizer_file):
+    tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
+    model = tiny_model("tiny", tok.vocab_size)
+    dataset = TrainingDataset(ShapesSource(16), tok, 48, seed=0)
+    inputs = to_model_inputs(torch.utils.data.default_collate([dataset[i] for i in range(32)]), torch.device("cpu"))
+    schedule, no_amp = make_schedule("squaredcos_cap_v2"), contextlib.nullcontext()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), args[1].clone())))
+
+    def noise_means(offset):
+        # the noise the model learns to predict, recovered from x_t, averaged per image and channel
+        compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp, offset)
+        x_t, t = seen.pop()
+        ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float64)[t].float()[:, None, None, None]
+        return ((x_t - ab.sqrt() * inputs["x0"]) / (1 - ab).sqrt()).mean(dim=(2, 3))
+
+    plain, offset = noise_means(0.0), noise_means(0.5)
+    assert plain.std() < 0.12 < 0.3 < offset.std()  # 16x16 pixels: plain noise averages to ~1/16
+    with torch.no_grad():  # 0 is exactly the plain objective (runs without the option are unchanged)
+        a = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp)["loss"]
+        b = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp, 0.0)["loss"]
+    assert torch.equal(a, b)
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 1}
+    result = run("pretrain", **common, offset_noise=0.1, out=str(tmp_path / "offset"))
+    assert load_model(result.model_dir, device="cpu").info.training["offset_noise"] == 0.1
+    with pytest.raises(ValueError, match="--offset-noise"):
+        run("pretrain", **common, offset_noise=2.0, out=str(tmp_path / "bad"))
+
+
 def test_widening_for_inpainting_leaves_the_output_unchanged_to_the_last_bit():
     for preset in ("tiny", "base"):
         model = tiny_model(preset)

@@ -106,6 +106,11 @@ class TrainConfig:
     data: str = "shapes"  # "shapes" or a folder of captioned images
     captions: str = "mix"  # shapes captions: mix | dense | short | short_bg (PixArt-α staging: short, then dense)
     caption_drop: float = 0.2  # GLIDE §4.2: 20% empty captions for classifier-free guidance
+    # "Offset noise" (Guttenberg 2023): the training noise gets offset_noise * N(0, 1) more per image and
+    # channel. Why: samplers start from zero-mean noise at a kept t < 999 (ddim15: t = 938, alpha-bar 0.009)
+    # where a model trained on plain noise reads the image's mean colour off x_t, so it draws every
+    # background mid-grey (measured on the first shipped base); with the offset that mean is noise to it.
+    offset_noise: float = 0.0
     min_image_size: int = 0  # folder data: skip images smaller than this (0 = image_size // 2)
     masks: str = ""  # finetune-inpaint mask mix, e.g. "box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1"
     upsampler: bool = False  # finetune-inpaint: the --init model must be an upsampler (6 -> 10 channels)
@@ -203,6 +208,8 @@ def resolve_config(stage: str, options: dict) -> tuple[TrainConfig, dict | None]
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.caption_drop <= 1.0:
         raise ValueError(f"--caption-drop is a fraction in [0, 1], got {cfg.caption_drop}")
+    if not 0.0 <= cfg.offset_noise <= 1.0:
+        raise ValueError(f"--offset-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.offset_noise}")
     return cfg, checkpoint
 
 
@@ -337,11 +344,15 @@ def to_model_inputs(batch: dict, device: torch.device, channels_last: bool = Fal
     return inputs
 
 
-def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, amp) -> dict:
-    """L_hybrid for one batch; t ~ U{0..T-1} and the noise come from `generator`."""
+def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, amp,
+                   offset_noise: float = 0.0) -> dict:
+    """L_hybrid for one batch; t ~ U{0..T-1} and the noise come from `generator` (plus offset_noise *
+    N(0, 1) per image and channel: TrainConfig.offset_noise)."""
     x0 = inputs["x0"]
     t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator, device=x0.device)
     extra = {}
     if "low_res" in inputs:
         extra["low_res"] = inputs["low_res"]
@@ -673,6 +684,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "wall_time_s": round(wall_before + time.time() - t_start, 1), "hardware": hardware,
                 "final_loss": loss_ema, "batch_size": global_batch, "lr": cfg.lr, "warmup": cfg.warmup,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
+                "offset_noise": cfg.offset_noise,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
                 "init": ({"path": str(cfg.init), **{k: init_record.get(k) for k in ("stage", "data", "steps")}}
                          if cfg.init else None)}
@@ -769,7 +781,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             # t and noise come from their own generator. Both are pure functions of (seed, step, rank).
             torch.manual_seed(derived_seed(cfg.seed, 1, step, d.rank))
             generator = torch.Generator(device).manual_seed(derived_seed(cfg.seed, 2, step, d.rank))
-            losses = compute_losses(model, inputs, schedule, generator, amp)
+            losses = compute_losses(model, inputs, schedule, generator, amp, cfg.offset_noise)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
