@@ -54,14 +54,14 @@ def main(argv=None) -> None:
     scene = render(random_scene(3), size=64)
     blob = Image.fromarray(np.full((64, 64, 3), 222, np.uint8))
 
+    def t2i_64(**kw):
+        return t2i(prompt="a red circle", seed=0, upsample=False, **kw)
+
     rows = [
-        ("text-to-image 64 (default)", lambda: t2i(prompt="a red circle", seed=0, upsample=False)),
-        ("text-to-image 64 (GLIDE notebook: ddpm 100)",
-         lambda: t2i(prompt="a red circle", seed=0, upsample=False, sampler="ddpm", num_inference_steps="100")),
-        ("text-to-image 64 (25 evenly spaced, with t=999)",
-         lambda: t2i(prompt="a red circle", seed=0, upsample=False, num_inference_steps=25)),
-        ("text-to-image 64 (ddim10, the faster choice)",
-         lambda: t2i(prompt="a red circle", seed=0, upsample=False, num_inference_steps="ddim10")),
+        ("text-to-image 64 (default)", t2i_64),
+        ("text-to-image 64 (GLIDE notebook: ddpm 100)", lambda: t2i_64(sampler="ddpm", num_inference_steps="100")),
+        ("text-to-image 64 (25 evenly spaced, with t=999)", lambda: t2i_64(num_inference_steps=25)),
+        ("text-to-image 64 (ddim10, the faster choice)", lambda: t2i_64(num_inference_steps="ddim10")),
         ("text-to-image 64 -> 256 (default)", lambda: t2i(prompt="a red circle", seed=0)),
         ("inpaint 64, fine-tuned", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0)),
         ("inpaint 64, replace", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, mode="replace", seed=0)),
