@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
                        DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS, steps_from_text)
@@ -38,6 +38,9 @@ def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | 
     if guidance is not None:
         g.add_argument("--guidance-scale", type=float, default=guidance,
                        help=f"classifier-free guidance scale (default {guidance})")
+        g.add_argument("--guidance-min-t", type=int, default=DEFAULT_GUIDANCE_MIN_T,
+                       help="guidance only at timesteps t >= this, 0 = every step "
+                            f"(default {DEFAULT_GUIDANCE_MIN_T})")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--out", default="out.png", help="output PNG; several images get _1, _2 ... suffixes")
     g.add_argument("--json", action="store_true", help="print the parameters (for replay) as JSON")
@@ -204,14 +207,15 @@ def _run(args) -> int:
         if args.command == "generate":
             result = Text2ImagePipeline(store)(
                 args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-                upsample=args.upsample, upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
-                upsample_temperature=args.upsample_temperature, upsample_strength=args.upsample_strength, **common)
+                guidance_min_t=args.guidance_min_t, upsample=args.upsample, upsample_steps=args.upsample_steps,
+                upsample_sampler=args.upsample_sampler, upsample_temperature=args.upsample_temperature,
+                upsample_strength=args.upsample_strength, **common)
         elif args.command in ("inpaint", "sdedit"):
-            kw = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, strength=args.strength,
-                      mask_blur=args.mask_blur, padding=args.padding, upsample=args.upsample,
-                      upsample_steps=args.upsample_steps, upsample_sampler=args.upsample_sampler,
-                      upsample_temperature=args.upsample_temperature, upsample_strength=args.upsample_strength,
-                      **common)
+            kw = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
+                      guidance_min_t=args.guidance_min_t, strength=args.strength, mask_blur=args.mask_blur,
+                      padding=args.padding, upsample=args.upsample, upsample_steps=args.upsample_steps,
+                      upsample_sampler=args.upsample_sampler, upsample_temperature=args.upsample_temperature,
+                      upsample_strength=args.upsample_strength, **common)
             if args.command == "inpaint":
                 result = InpaintPipeline(store)(args.prompt, args.image, args.mask, mode=args.mode, **kw)
             else:

@@ -547,11 +547,12 @@ def _expand(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
 def denoise(model, *, tokens: TokenBatch, guidance_scale: float, sampler: str, timesteps: Sequence[int],
             x_start: torch.Tensor, generator: torch.Generator, progress: _Progress,
             low_res: torch.Tensor | None = None, known: torch.Tensor | None = None,
-            keep: torch.Tensor | None = None, inpaint_channels: bool = False, stage: str = "base") -> torch.Tensor:
+            keep: torch.Tensor | None = None, inpaint_channels: bool = False, stage: str = "base",
+            guidance_min_t: int = 0) -> torch.Tensor:
     """Run one sampling stage and return x_0 (B, 3, S, S) float32.
 
     tokens: B prompt rows, then B unconditional rows when guidance_scale != 1 (one forward on the
-      doubled batch, `classifier_free_guidance`).
+      doubled batch, `classifier_free_guidance`, at the timesteps >= guidance_min_t).
     known/keep: inpainting. keep is GLIDE's mask (1 = known). The known pixels are forced into
       every x_0 prediction (`denoised_fn`, as the reference). With `inpaint_channels` the model
       also sees them as extra input channels (fine-tuned model, GLIDE §4.3); without, the known
@@ -569,12 +570,16 @@ def denoise(model, *, tokens: TokenBatch, guidance_scale: float, sampler: str, t
             kwargs = {"inpaint_image": _expand(known, rows), "inpaint_mask": _expand(keep, rows)}
     schedule = make_schedule(model.info.noise_schedule, NUM_TIMESTEPS)
 
+    texts = {}  # rows -> encode_text output: the prompt is encoded once per batch size, not at every step
+
     def model_fn(x, t):
         n = x.shape[0]
+        if n not in texts:  # (B and 2B rows encoded apart: a slice of the 2B encoding is not bit-identical)
+            texts[n] = model.encode_text(tok.tokens[:n], tok.mask[:n])
         extra = {k: v[:n] for k, v in kwargs.items()}
-        return model(x, t, tok.tokens[:n], tok.mask[:n], low_res=None if low_res is None else low_res[:n], **extra)
+        return model(x, t, text=texts[n], low_res=None if low_res is None else low_res[:n], **extra)
 
-    guided = classifier_free_guidance(model_fn, guidance_scale)
+    guided = classifier_free_guidance(model_fn, guidance_scale, min_t=guidance_min_t)
 
     def checked_fn(x, t):
         progress.check_interrupt()
@@ -643,6 +648,7 @@ class Stage:
     sampler: str
     guidance_scale: float
     temperature: float = 1.0
+    guidance_min_t: int = 0
 
 
 def edit_square(crop: MaskedCrop, *, prompt: str, negative_prompt: str, num_images: int, base: Stage,
@@ -660,7 +666,8 @@ def edit_square(crop: MaskedCrop, *, prompt: str, negative_prompt: str, num_imag
     x_start = initial_x(base.model, (B, 3, S, S), generator, timesteps=base.timesteps, image=x_orig, full=base.full)
     x0 = denoise(base.model, tokens=tokens, guidance_scale=base.guidance_scale, sampler=base.sampler,
                  timesteps=base.timesteps, x_start=x_start, generator=generator, progress=progress,
-                 known=x_known if has_known else None, keep=keep, inpaint_channels=base.inpaint_channels)
+                 known=x_known if has_known else None, keep=keep, inpaint_channels=base.inpaint_channels,
+                 guidance_min_t=base.guidance_min_t)
     timings["base_s"] = time.perf_counter() - t0
     if up is None:
         return tensor_to_uint8(x0)
@@ -821,10 +828,18 @@ def check_temperature(temperature, name="upsample_temperature") -> None:
         raise PipelineInputError(f"{name} must be in (0, 2], got {temperature!r}")
 
 
-def check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
-                        upsample_temperature, upsample_strength) -> None:
+def check_guidance_min_t(guidance_min_t) -> None:
+    if isinstance(guidance_min_t, bool) or not isinstance(guidance_min_t, (int, np.integer)) \
+            or not 0 <= guidance_min_t <= NUM_TIMESTEPS:
+        raise PipelineInputError(f"guidance_min_t must be a timestep from 0 to {NUM_TIMESTEPS} (guidance runs at "
+                                 f"t >= it: 0 = every step, {NUM_TIMESTEPS} = none), got {guidance_min_t!r}")
+
+
+def check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample_steps,
+                        upsample_sampler, upsample_temperature, upsample_strength) -> None:
     """The sampling arguments of a pipeline with a base and an optional upsampler stage."""
     check_common(num_images, guidance_scale, sampler)
+    check_guidance_min_t(guidance_min_t)
     check_common(1, 1.0, upsample_sampler)
     parse_steps(num_inference_steps)
     parse_steps(upsample_steps, "upsample_steps")
@@ -838,12 +853,12 @@ class MaskedEditPipeline(BasePipeline):
 
     @staticmethod
     def _check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                         upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                         guidance_min_t, upsample, upsample_steps, upsample_sampler, upsample_temperature,
                          upsample_strength) -> None:
         """The arguments inpainting and SDEdit share (after their prompts and own options)."""
         check_strength(strength)
         check_mask_args(mask_blur, padding)
-        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps,
+        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample_steps,
                             upsample_sampler, upsample_temperature, upsample_strength)
         if upsample not in (None, True, False):
             raise PipelineInputError(f"upsample must be True, False or None (automatic), got {upsample!r}")
@@ -887,7 +902,8 @@ class MaskedEditPipeline(BasePipeline):
 
         # 1. Models and stages
         base_model = self._load(base_role, timings)
-        base = Stage(base_model, base_channels, kept[:k], k == len(kept), p["sampler"], p["guidance_scale"])
+        base = Stage(base_model, base_channels, kept[:k], k == len(kept), p["sampler"], p["guidance_scale"],
+                     guidance_min_t=p["guidance_min_t"])
         up = None
         if up_role is not None:
             # the upsampler never starts earlier than the edit itself

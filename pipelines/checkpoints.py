@@ -57,6 +57,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def use_fast_layout(model: GlideUNet) -> GlideUNet:
+    """Lay a model's weights out for inference on its device, in place: channels_last on the CPU, where
+    oneDNN's convolutions then skip a layout conversion per call (measured on a 2-core CPU, 1.14x per
+    base forward at batch 2 and 1.48x per upsampler forward at 256 px; `python -m pipelines.bench.speed`).
+    CUDA keeps the default layout (unmeasured there)."""
+    if model.device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def load_model(path, device=None, dtype=None) -> GlideUNet:
     """Load a model file or folder; returns the module with `.config` and `.info` (ModelInfo)."""
     path = Path(path)
@@ -68,7 +78,7 @@ def load_model(path, device=None, dtype=None) -> GlideUNet:
     else:
         model, info = _load_released(path)
     device = torch.device(device) if device is not None else default_device()
-    model = model.to(device=device, dtype=dtype or default_dtype(device)).eval()
+    model = use_fast_layout(model.to(device=device, dtype=dtype or default_dtype(device)).eval())
     model.info = info
     return model
 

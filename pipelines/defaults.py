@@ -27,6 +27,12 @@ DEFAULT_STEPS = "ddim15"  # kept timesteps of the base stage: text-to-image and 
 DEFAULT_STEPS_INPAINT = 25  # inpainting (an int N means respace(1000, N): N evenly spaced, t = 999 included)
 DEFAULT_GUIDANCE = 3.0  # classifier-free guidance scale: text-to-image and SDEdit
 DEFAULT_GUIDANCE_INPAINT = 5.0  # classifier-free guidance scale: inpainting
+# Guidance runs at timesteps t >= 300 only (a guidance interval, Kynkäänniemi et al. 2024); below it the
+# conditional model runs alone, on half the batch. On the shapes benchmark's 60 text-to-image images (ddim15)
+# stopping guidance below t = 300 changed no score but colour (26.1 -> 25.0%, one image) and the pixels by
+# 0.27 levels on average, in 5 of 15 steps at 60% of a guided step's cost; stopping below t = 500 lost shape
+# 35 -> 28% and object 12.5 -> 10%.
+DEFAULT_GUIDANCE_MIN_T = 300
 DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
 DEFAULT_MASK_BLUR = 4  # px of the feather band inside the mask edge
 DEFAULT_PADDING = 32  # px of context around the mask in the "only masked" working crop

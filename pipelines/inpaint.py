@@ -21,7 +21,7 @@ import torch
 
 from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
-from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
+from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
                        DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
@@ -32,14 +32,15 @@ class InpaintPipeline(MaskedEditPipeline):
     name = "inpaint"
 
     def check_inputs(self, prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
-                     num_inference_steps, sampler, guidance_scale, upsample, upsample_steps, upsample_sampler,
-                     upsample_temperature, upsample_strength):
+                     num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample, upsample_steps,
+                     upsample_sampler, upsample_temperature, upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
         if mode not in MODES:
             raise PipelineInputError(f"mode must be 'finetuned' (inpainting model) or 'replace' (any model); got {mode!r}")
         self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                              upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
+                              guidance_min_t, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                              upsample_strength)
 
     @reproducible
     @torch.inference_mode()
@@ -47,7 +48,8 @@ class InpaintPipeline(MaskedEditPipeline):
                  strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING,
                  num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS_INPAINT, sampler: str = DEFAULT_SAMPLER,
-                 guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, generator=None, seed: int | None = None,
+                 guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, guidance_min_t: int = DEFAULT_GUIDANCE_MIN_T,
+                 generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
                  upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
@@ -55,7 +57,7 @@ class InpaintPipeline(MaskedEditPipeline):
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Regenerate the white part of `mask_image` in `image` following `prompt`.
 
-        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the
+        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0 at t >= 300; the
         upsampler stage samples ancestrally too, from min(strength, upsample_strength), starting from
         the known pixels and, inside the mask, the enlarged base result.
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
@@ -75,7 +77,7 @@ class InpaintPipeline(MaskedEditPipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
-                          num_inference_steps, sampler, guidance_scale, upsample, upsample_steps,
+                          num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample, upsample_steps,
                           upsample_sampler, upsample_temperature, upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Read the image and the mask (white = regenerate)
@@ -104,7 +106,7 @@ class InpaintPipeline(MaskedEditPipeline):
         params.update(prompt=prompt, negative_prompt=negative_prompt, mode=mode, strength=float(strength),
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
                       upsample_temperature=float(upsample_temperature),
                       upsample_strength=float(upsample_strength))
         # 4. Denoise the crop and paste it back inside the mask

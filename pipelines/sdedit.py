@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH,
                        DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
                        DEFAULT_UPSAMPLE_TEMPERATURE)
 
@@ -28,12 +28,13 @@ class SDEditPipeline(MaskedEditPipeline):
     name = "sdedit"
 
     def check_inputs(self, prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
-                     sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature,
-                     upsample_strength):
+                     sampler, guidance_scale, guidance_min_t, upsample, upsample_steps, upsample_sampler,
+                     upsample_temperature, upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
         self._check_edit_args(strength, mask_blur, padding, num_images, num_inference_steps, sampler, guidance_scale,
-                              upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
+                              guidance_min_t, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                              upsample_strength)
 
     @reproducible
     @torch.inference_mode()
@@ -41,7 +42,8 @@ class SDEditPipeline(MaskedEditPipeline):
                  negative_prompt: str = "", mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING,
                  num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
-                 guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
+                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_min_t: int = DEFAULT_GUIDANCE_MIN_T,
+                 generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
                  upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
@@ -49,7 +51,7 @@ class SDEditPipeline(MaskedEditPipeline):
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Denoise `image` from step round(strength * steps) towards `prompt`.
 
-        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 3.0; the
+        Defaults (pipelines/defaults.py): ancestral "ddpm" over "ddim15", guidance 3.0 at t >= 300; the
         upsampler stage runs DDIM from min(strength, upsample_strength), starting from the known
         pixels and, where the image is regenerated, the enlarged base result.
         upsample: None = through the upsampler when there is one and the working crop is at least
@@ -62,8 +64,8 @@ class SDEditPipeline(MaskedEditPipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, strength, mask_blur, padding, num_images, num_inference_steps,
-                          sampler, guidance_scale, upsample, upsample_steps, upsample_sampler, upsample_temperature,
-                          upsample_strength)
+                          sampler, guidance_scale, guidance_min_t, upsample, upsample_steps, upsample_sampler,
+                          upsample_temperature, upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Read the image (and the mask: white = regenerate)
         image_arr = to_rgb_array(image)
@@ -84,7 +86,7 @@ class SDEditPipeline(MaskedEditPipeline):
         params.update(prompt=prompt, negative_prompt=negative_prompt, strength=float(strength),
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
                       upsample_temperature=float(upsample_temperature),
                       upsample_strength=float(upsample_strength))
         # 4. Noise to t_start, denoise, paste back (inside the mask only when there is one)

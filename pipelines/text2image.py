@@ -13,7 +13,7 @@ import torch
 from .base import (BasePipeline, PipelineInputError, PipelineOutput, _Progress, check_prompt, check_sampling_args,
                    denoise, encode_prompt, enlarge, initial_x, make_generator, parse_steps, quantize,
                    reproducible, resolve_seed, tensor_to_pil, upsampler_steps)
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
                        DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
@@ -21,11 +21,12 @@ class Text2ImagePipeline(BasePipeline):
     name = "text2image"
 
     def check_inputs(self, prompt, negative_prompt, num_images, num_inference_steps, sampler, guidance_scale,
-                     upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength):
+                     guidance_min_t, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                     upsample_strength):
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative_prompt")
-        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, upsample_steps, upsample_sampler,
-                            upsample_temperature, upsample_strength)
+        check_sampling_args(num_images, num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample_steps,
+                            upsample_sampler, upsample_temperature, upsample_strength)
         if not isinstance(upsample, bool):
             raise PipelineInputError(f"upsample must be True or False, got {upsample!r}")
 
@@ -33,7 +34,8 @@ class Text2ImagePipeline(BasePipeline):
     @torch.inference_mode()
     def __call__(self, prompt: str, negative_prompt: str = "", num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
-                 guidance_scale: float = DEFAULT_GUIDANCE, generator=None, seed: int | None = None,
+                 guidance_scale: float = DEFAULT_GUIDANCE, guidance_min_t: int = DEFAULT_GUIDANCE_MIN_T,
+                 generator=None, seed: int | None = None,
                  upsample: bool = True, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER,
                  upsample_temperature: float = DEFAULT_UPSAMPLE_TEMPERATURE,
@@ -42,7 +44,9 @@ class Text2ImagePipeline(BasePipeline):
         """Generate `num_images` images for `prompt` (256x256 with an upsampler, else base size).
 
         num_inference_steps: an int or a respacing string ("100", "fast27", "ddim25"); the defaults
-          (25 steps of ancestral "ddpm", guidance 3.0) live in pipelines/defaults.py.
+          (ancestral "ddpm" over "ddim15", guidance 3.0) live in pipelines/defaults.py.
+        guidance_min_t: guidance runs at timesteps t >= this only; below it the conditional model runs
+          alone, at about 60% of a guided step's cost (0 = guidance at every step, as GLIDE).
         negative_prompt: the unconditional rows of guidance (default: the empty prompt).
         upsample_strength: the upsampler runs the lowest round(strength * n) of its n steps, from the
           noised bicubic enlargement of the base output; 1 = from pure noise (the reference).
@@ -55,7 +59,8 @@ class Text2ImagePipeline(BasePipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps, sampler, guidance_scale,
-                          upsample, upsample_steps, upsample_sampler, upsample_temperature, upsample_strength)
+                          guidance_min_t, upsample, upsample_steps, upsample_sampler, upsample_temperature,
+                          upsample_strength)
         seed, warnings = resolve_seed(seed, generator)
         # 2. Models: base (an inpainting model with nothing known works too) and the optional upsampler
         base_role = self.store.require("base", "base-inpaint")
@@ -70,7 +75,7 @@ class Text2ImagePipeline(BasePipeline):
         params = self._header(seed, model_ids, base_model)
         params.update(prompt=prompt, negative_prompt=negative_prompt, num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
                       upsample_temperature=float(upsample_temperature), upsample_strength=float(upsample_strength))
         warnings += self._replay_warnings(models, device, dtype, params)
         # 3. Timesteps and the shared step counter
@@ -86,7 +91,7 @@ class Text2ImagePipeline(BasePipeline):
         t0 = time.perf_counter()
         x = initial_x(base_model, (B, 3, S, S), generator, timesteps=timesteps, image=None, full=True)
         x = denoise(base_model, tokens=tokens, guidance_scale=guidance_scale, sampler=sampler, timesteps=timesteps,
-                    x_start=x, generator=generator, progress=progress)
+                    x_start=x, generator=generator, progress=progress, guidance_min_t=guidance_min_t)
         timings["base_s"] = time.perf_counter() - t0
         # 5. Upsampler stage: unguided, conditioned on the quantised base output, starting from its enlargement
         if up_model is not None:

@@ -453,6 +453,25 @@ def test_cfg_runs_one_doubled_forward_per_step():
     assert calls == [4] * len(timesteps)
 
 
+def test_cfg_interval_runs_the_conditional_model_alone_below_min_t():
+    calls = []
+    model_fn, _ = _doubled_batch_model(calls)
+    timesteps = respace(1000, "10")
+    seen = []
+
+    def counting(x, t):
+        seen.append(int(t[0]))
+        return model_fn(x, t)
+
+    sample(classifier_free_guidance(counting, 3.0, min_t=500), torch.randn(2, 3, 2, 2),
+           schedule=make_schedule("linear"), timesteps=timesteps, generator=torch.Generator().manual_seed(0))
+    assert calls == [4 if t >= 500 else 2 for t in seen] and 2 in calls and 4 in calls
+    guided = classifier_free_guidance(model_fn, 3.0, min_t=500)
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.equal(guided(x, torch.tensor([499, 499])), model_fn(x, torch.tensor([499, 499])))
+    assert not torch.equal(guided(x, torch.tensor([500, 500]))[:, :3], model_fn(x, torch.tensor([500, 500]))[:, :3])
+
+
 # --------------------------------------------------------------------------- training loss
 
 

@@ -212,6 +212,15 @@ def test_text_conditioning_changes_output():
     assert (a - c).abs().max() > 1e-4
 
 
+def test_prompt_encoded_once_gives_the_same_output():
+    # the pipelines encode the prompt once per call and pass `text` at every step
+    model = perturb(tiny_model())
+    x, t, tokens, mask = inputs(model.config)
+    with torch.no_grad():
+        text = model.encode_text(tokens, mask)
+        assert torch.equal(model(x, t, text=text), model(x, t, tokens, mask))
+
+
 def test_timestep_changes_output():
     model = perturb(tiny_model())
     x, t, tokens, mask = inputs(model.config)

@@ -19,7 +19,7 @@ from pipelines import (CheckpointError, EmptyMaskError, GenerationInterrupted, I
                        NonFiniteOutputError, PipelineInputError, SDEditPipeline, Text2ImagePipeline,
                        UpsamplePipeline)
 from pipelines.base import MaskedCrop, feather
-from pipelines.defaults import DEFAULT_SAMPLER
+from pipelines.defaults import DEFAULT_GUIDANCE_MIN_T, DEFAULT_SAMPLER
 from pipelines.io import ImageInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -113,6 +113,31 @@ def test_text2image_negative_prompt_and_guidance(t2i):
     unguided = t2i("a red circle", seed=5, guidance_scale=1.0, upsample=False, num_inference_steps=3)
     assert not np.array_equal(arr(base.images[0]), arr(neg.images[0]))
     assert not np.array_equal(arr(base.images[0]), arr(unguided.images[0]))
+
+
+@pytest.mark.parametrize("name", ["t2i", "sdedit", "inpaint"])
+def test_guidance_interval_is_recorded_and_1000_means_unguided(request, name):
+    pipe = request.getfixturevalue(name)
+    image = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    inputs = {} if name == "t2i" else {"image": image, "mask_image": Image.fromarray(mask)}
+    strength = {"strength": 1.0} if name == "sdedit" else {}
+
+    def run(**kw):
+        return pipe("a red circle", seed=4, upsample=False, num_inference_steps=4, **inputs, **strength, **kw)
+
+    default = run()
+    assert default.params["guidance_min_t"] == DEFAULT_GUIDANCE_MIN_T == 300
+    everywhere, never = run(guidance_min_t=0), run(guidance_min_t=1000)
+    unguided = run(guidance_scale=1.0)
+    assert np.array_equal(arr(never.images[0]), arr(unguided.images[0]))
+    assert not np.array_equal(arr(everywhere.images[0]), arr(unguided.images[0]))
+    replay = pipe(**everywhere.params, **inputs)
+    assert np.array_equal(arr(replay.images[0]), arr(everywhere.images[0]))
+    for bad in (-1, 1001, 2.5, True, "300"):
+        with pytest.raises(PipelineInputError, match="guidance_min_t must be a timestep from 0 to 1000"):
+            run(guidance_min_t=bad)
 
 
 def test_used_generator_is_replayed_from_its_seed(t2i):
@@ -453,6 +478,7 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
         assert params["num_inference_steps"].default == steps
         assert params["sampler"].default == D.DEFAULT_SAMPLER == "ddpm"
         assert params["guidance_scale"].default == scale
+        assert params["guidance_min_t"].default == D.DEFAULT_GUIDANCE_MIN_T
     files = ["--image", "in.png", "--mask", "mask.png"]
     cli = {"generate": ([], D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
            "sdedit": (files, D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
@@ -460,6 +486,7 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
     for command, (extra, steps, scale) in cli.items():
         args = build_parser().parse_args([command, "--prompt", "x", *extra])
         assert (args.steps, args.sampler, args.guidance_scale) == (steps, D.DEFAULT_SAMPLER, scale)
+        assert args.guidance_min_t == D.DEFAULT_GUIDANCE_MIN_T
 
 
 # -----------------------------------------------------------------------------

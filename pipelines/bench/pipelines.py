@@ -61,6 +61,7 @@ def main(argv=None) -> None:
         ("text-to-image 64 (default)", t2i_64),
         ("text-to-image 64 (GLIDE notebook: ddpm 100)", lambda: t2i_64(sampler="ddpm", num_inference_steps="100")),
         ("text-to-image 64 (25 evenly spaced, with t=999)", lambda: t2i_64(num_inference_steps=25)),
+        ("text-to-image 64 (guidance at every step)", lambda: t2i_64(guidance_min_t=0)),
         ("text-to-image 64 (ddim10, the faster choice)", lambda: t2i_64(num_inference_steps="ddim10")),
         ("text-to-image 64 -> 256 (default)", lambda: t2i(prompt="a red circle", seed=0)),
         ("inpaint 64, fine-tuned", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0)),

@@ -607,6 +607,8 @@ def _pipeline_model(args):
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
     if args.sampler:
         kw["sampler"] = args.sampler
+    if args.guidance_min_t is not None:
+        kw["guidance_min_t"] = args.guidance_min_t
 
     def get(name):
         if name not in cache:
@@ -656,6 +658,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=steps_from_text, default=None,
                     help="num_inference_steps: an int or a respacing string such as ddim25 (default: pipeline's)")
     ap.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: pipeline's)")
+    ap.add_argument("--guidance-min-t", type=int, default=None,
+                    help="guidance only at timesteps t >= this (default: pipeline's)")
     ap.add_argument("--inpaint-cases", type=int, default=32)
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
     ap.add_argument("--sdedit-cases", type=int, default=32)

@@ -9,7 +9,9 @@ Rows: seconds per forward (median of --repeat runs after --warmup runs) for
   * with --full, GLIDE "base" (batch 2, 64x64, 128 tokens) and "upsample" (batch 1, 256x256, 128 tokens).
 On CPU the model runs in fp32; on CUDA in fp32, fp16 and bf16 (the half-precision fast path).
 
+The timed model has the layout the pipelines give it (`checkpoints.use_fast_layout`: channels_last on CPU).
 Baselines measured in the same run, with the ratio printed under the table:
+  * on CPU, "sdpa nchw": the same model in the default NCHW layout;
   * "naive": the same model with its attention replaced by a plain einsum/softmax implementation
     (softmax in fp32, as the released code does it) instead of torch's scaled_dot_product_attention.
     Its outputs are also compared with the SDPA outputs ("max rel diff"), so the fast path is checked to
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints import use_fast_layout
 from ..models import glide
 from ..models.glide import GlideConfig, GlideUNet
 
@@ -164,22 +167,30 @@ def run_case(case: Case, device: torch.device, dtypes, naive: bool, warmup: int,
     ref = None  # fp32 SDPA output
     timings = {}
     for dtype in dtypes:
-        model = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)  # cast from fp32 each time
-        variants = [("sdpa", contextlib.nullcontext)] + ([("naive", use_naive_attention)] if naive else [])
-        for attn, ctx in variants:
+        plain = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)  # cast from fp32 each time
+        model = use_fast_layout(copy.deepcopy(plain))
+        variants = [("sdpa", contextlib.nullcontext, model)]
+        if model.device.type == "cpu":
+            variants.append(("sdpa nchw", contextlib.nullcontext, plain))
+        if naive:
+            variants.append(("naive", use_naive_attention, model))
+        for attn, ctx, timed in variants:
             with ctx():
-                sec, out = time_forward(model, kw, warmup, repeat)
+                sec, out = time_forward(timed, kw, warmup, repeat)
             if ref is None:
                 ref = out
             diff = rel_diff(out, ref)
             timings[(dtype, attn)] = sec
             rows.append((case.name, f"{params / 1e6:.1f}M", case.batch, case.config.image_size, device.type,
                          str(dtype).removeprefix("torch."), attn, sec, diff, bool(torch.isfinite(out).all())))
-        del model
+        del model, plain
     del base
     if device.type == "cuda":
         torch.cuda.empty_cache()
     for dtype in dtypes:
+        if (dtype, "sdpa nchw") in timings:
+            notes.append(f"{case.name} {device.type} {str(dtype).removeprefix('torch.')}: channels_last is "
+                         f"{timings[(dtype, 'sdpa nchw')] / timings[(dtype, 'sdpa')]:.2f}x the speed of NCHW")
         if (dtype, "naive") in timings:
             notes.append(f"{case.name} {device.type} {str(dtype).removeprefix('torch.')}: SDPA is "
                          f"{timings[(dtype, 'naive')] / timings[(dtype, 'sdpa')]:.2f}x the speed of naive attention")

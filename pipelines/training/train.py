@@ -600,9 +600,8 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         init_record = init_model.info.training or {}
     tokenizer = prepare_tokenizer(cfg, out, d, checkpoint, init_folder)
     raw_model, schedule_name = build_model(stage, cfg, tokenizer, checkpoint, init_model)
-    raw_model.to(device).train()
-    if cfg.channels_last:
-        raw_model.to(memory_format=torch.channels_last)
+    # the layout is the run's choice, whatever load_model gave an --init model (channels_last on the CPU)
+    raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format).train()
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
     schedule = make_schedule(schedule_name)
     c = raw_model.config
