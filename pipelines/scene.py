@@ -54,11 +54,13 @@ class SceneError(ValueError):
 
 
 def _upgraded(params: dict) -> dict:
-    """Params recorded before the upsampler could start part-way: it started from pure noise."""
+    """Params recorded before an option existed get the value that ran then: before the upsampler
+    could start part-way it started from pure noise; before guidance_min_t every step was guided."""
     if params.get("pipeline") == "upsample":
         params.setdefault("strength", 1.0)
     elif "upsample_steps" in params:
         params.setdefault("upsample_strength", 1.0)
+        params.setdefault("guidance_min_t", 0)
     return params
 
 

@@ -159,6 +159,19 @@ def test_params_recorded_before_part_way_upsampling_replay_from_noise():
     assert Node.from_json(new).params["upsample_strength"] == 0.4
 
 
+def test_params_recorded_before_the_guidance_interval_replay_guided_at_every_step(store, tmp_path):
+    t2i = Text2ImagePipeline(store)
+    scene = Scene()
+    node = scene.run(t2i, prompt="a red circle", seed=1, guidance_min_t=0, num_inference_steps=4, upsample=False)
+    del node.params["guidance_min_t"]  # as a scene saved before the option existed
+    loaded = Scene.load(scene.save(tmp_path / "s"))
+    assert loaded.nodes[node.id].params["guidance_min_t"] == 0
+    assert loaded.replay(store).all_reproduced
+    recent = {"id": "n", "parent": None, "op": "generate",
+              "params": {"pipeline": "text2image", "upsample_steps": 25, "guidance_min_t": 300}}
+    assert Node.from_json(recent).params["guidance_min_t"] == 300
+
+
 def test_load_errors_and_missing_files(store, tmp_path):
     with pytest.raises(SceneError, match="not a scene folder"):
         Scene.load(tmp_path)

@@ -622,14 +622,16 @@ def _pipeline_model(args):
 
     # edits stay at the cases' resolution (upsample=False): they are scored there
     def inpaint(image, mask, prompt, seed):
+        scale = {} if args.inpaint_guidance is None else {"guidance_scale": args.inpaint_guidance}
         out = get("InpaintPipeline")(prompt=prompt, image=image, mask_image=mask,
-                                     mode=args.inpaint_mode, seed=seed, upsample=False, **kw)
+                                     mode=args.inpaint_mode, seed=seed, upsample=False, **scale, **kw)
         rep = getattr(out, "changed_outside_mask", None)
         return out.images[0], (int(rep[0]) if rep else None)
 
     def sdedit(image, prompt, seed):
+        scale = {} if args.sdedit_guidance is None else {"guidance_scale": args.sdedit_guidance}
         out = get("SDEditPipeline")(prompt=prompt, image=image, strength=args.strength, seed=seed,
-                                    upsample=False, **kw)
+                                    upsample=False, **scale, **kw)
         return out.images[0]
 
     return generate, inpaint, sdedit
@@ -662,8 +664,10 @@ def main(argv=None) -> dict:
                     help="guidance only at timesteps t >= this (default: pipeline's)")
     ap.add_argument("--inpaint-cases", type=int, default=32)
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
+    ap.add_argument("--inpaint-guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
     ap.add_argument("--sdedit-cases", type=int, default=32)
     ap.add_argument("--strength", type=float, default=0.6, help="SDEdit strength")
+    ap.add_argument("--sdedit-guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
     ap.add_argument("--sweep-scales", default=",".join(str(s) for s in DEFAULT_SCALES))
     ap.add_argument("--sweep-seeds", type=int, default=4)
     ap.add_argument("--sweep-prompts", type=int, default=8, help="prompts (first of each group, round robin)")
