@@ -21,8 +21,8 @@ import torch
 
 from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
-from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
-                       DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
+from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
+                       DEFAULT_SAMPLER, DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 MODES = ("finetuned", "replace")
@@ -106,8 +106,8 @@ class InpaintPipeline(MaskedEditPipeline):
         params.update(prompt=prompt, negative_prompt=negative_prompt, mode=mode, strength=float(strength),
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature),
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps,
+                      upsample_sampler=upsample_sampler, upsample_temperature=float(upsample_temperature),
                       upsample_strength=float(upsample_strength))
         # 4. Denoise the crop and paste it back inside the mask
         return self._masked_edit(image=image_arr, crop=crop, masked=True, warnings=warnings, params=params,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from .base import MaskedCrop, MaskedEditPipeline, check_prompt, reproducible, resolve_seed, to_rgb_array
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH,
-                       DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
-                       DEFAULT_UPSAMPLE_TEMPERATURE)
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
+                       DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS,
+                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class SDEditPipeline(MaskedEditPipeline):
@@ -86,8 +86,8 @@ class SDEditPipeline(MaskedEditPipeline):
         params.update(prompt=prompt, negative_prompt=negative_prompt, strength=float(strength),
                       mask_blur=mask_blur, padding=int(padding), num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature),
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps,
+                      upsample_sampler=upsample_sampler, upsample_temperature=float(upsample_temperature),
                       upsample_strength=float(upsample_strength))
         # 4. Noise to t_start, denoise, paste back (inside the mask only when there is one)
         return self._masked_edit(image=image_arr, crop=crop, masked=masked, warnings=warnings, params=params,

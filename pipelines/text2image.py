@@ -13,8 +13,9 @@ import torch
 from .base import (BasePipeline, PipelineInputError, PipelineOutput, _Progress, check_prompt, check_sampling_args,
                    denoise, encode_prompt, enlarge, initial_x, make_generator, parse_steps, quantize,
                    reproducible, resolve_seed, tensor_to_pil, upsampler_steps)
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_UPSAMPLE_SAMPLER,
-                       DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                       DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+                       DEFAULT_UPSAMPLE_TEMPERATURE)
 
 
 class Text2ImagePipeline(BasePipeline):
@@ -75,8 +76,9 @@ class Text2ImagePipeline(BasePipeline):
         params = self._header(seed, model_ids, base_model)
         params.update(prompt=prompt, negative_prompt=negative_prompt, num_images=int(num_images),
                       num_inference_steps=num_inference_steps, sampler=sampler, guidance_scale=float(guidance_scale),
-                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps, upsample_sampler=upsample_sampler,
-                      upsample_temperature=float(upsample_temperature), upsample_strength=float(upsample_strength))
+                      guidance_min_t=int(guidance_min_t), upsample=up_role is not None, upsample_steps=upsample_steps,
+                      upsample_sampler=upsample_sampler, upsample_temperature=float(upsample_temperature),
+                      upsample_strength=float(upsample_strength))
         warnings += self._replay_warnings(models, device, dtype, params)
         # 3. Timesteps and the shared step counter
         timesteps = parse_steps(num_inference_steps)
