@@ -32,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 instead of 127.0.0.1")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    p.add_argument("--finetune-data", default=None, metavar="FOLDER",
+                   help="with --listen, the Fine-tune tab trains only on folders inside PROJECTS_DIR/datasets "
+                        "and this one (on 127.0.0.1, any folder)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload")
     p.add_argument("--queue-size", type=int, default=16, help="most waiting jobs before new ones are refused")
     p.add_argument("--no-preload", action="store_true", help="load models on first use, not in the background")
@@ -50,7 +53,8 @@ def main(argv=None) -> None:
         models_dir=args.models_dir, projects_dir=args.projects_dir, device=args.device,
         server_name="0.0.0.0" if args.listen else "127.0.0.1", port=args.port,
         auth=tuple(args.auth.split(":", 1)) if args.auth else None,
-        max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, preload=not args.no_preload)
+        max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, preload=not args.no_preload,
+        finetune_data=args.finetune_data)
     print(f"studio ready at {url} in {time.perf_counter() - t0:.1f} s", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -32,6 +32,19 @@ STDOUT_FILE = "studio.log"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DATASETS_DIR = "datasets"  # PROJECTS_DIR/datasets: where a studio reachable from the network may train
+
+
+def training_data_roots(server_name: str, projects_dir, extra=None) -> list[Path] | None:
+    """Where the Fine-tune tab may read training folders: anywhere (None) when the studio is served
+    to this machine only; else inside PROJECTS_DIR/datasets and `extra`, so that a remote user cannot
+    train on (and read back through samples) whatever the server can read."""
+    if server_name in LOOPBACK_HOSTS:
+        return None
+    return [Path(projects_dir) / DATASETS_DIR] + ([Path(extra)] if extra else [])
+
+
 class FineTuneError(ValueError):
     """A fine-tune run cannot be started / stopped / read; the message says why."""
 
@@ -65,9 +78,12 @@ def read_log(run_dir: Path, max_points: int = 2000) -> tuple[list[dict], list[di
 class FineTuner:
     """Starts, stops and resumes training runs under `root`; tells the UI what a run is doing."""
 
-    def __init__(self, root, default_models_dir, trainer: list[str] | None = None):
+    def __init__(self, root, default_models_dir, trainer: list[str] | None = None, data_roots=None):
+        """data_roots: None = training folders may be anywhere the server can read (a studio on
+        127.0.0.1); else a list of folders they must lie inside (a studio reachable from the network)."""
         self.root = Path(root).resolve()
         self.default_models_dir = Path(default_models_dir).resolve()
+        self.data_roots = None if data_roots is None else [Path(r).resolve() for r in data_roots]
         self.trainer = trainer or [sys.executable, "-m", "pipelines.training"]  # the command, before its args
         self._proc: subprocess.Popen | None = None
         self._run: str | None = None
@@ -109,6 +125,11 @@ class FineTuner:
             raise FineTuneError("give a folder of images with captions (image.png + image.txt, or captions.jsonl)")
         if data != "shapes" and not Path(data).is_dir():
             raise FineTuneError(f"{data} is not a folder on the server")
+        if data != "shapes" and self.data_roots is not None \
+                and not any(Path(data).resolve().is_relative_to(r) for r in self.data_roots):
+            roots = " or ".join(str(r) for r in self.data_roots)
+            raise FineTuneError(f"this studio is reachable from the network, so it trains only on folders inside "
+                                f"{roots}; put the images there, or restart it with --finetune-data FOLDER")
         run = self.run_dir(name)
         if run.exists() and any(run.iterdir()):
             raise FineTuneError(f"a run named {name!r} exists; resume it or pick another name")

@@ -211,9 +211,10 @@ class Models:
 class Studio:
     """The controller behind the UI and the API (one per app)."""
 
-    def __init__(self, models_dir="assets/models", projects_dir="projects", device=None):
+    def __init__(self, models_dir="assets/models", projects_dir="projects", device=None, finetune_data_roots=None):
+        """finetune_data_roots: where the Fine-tune tab may read training folders (None = anywhere)."""
         self.projects = ProjectStore(projects_dir)
-        self.finetuner = FineTuner(self.projects.root / "finetuned", models_dir)
+        self.finetuner = FineTuner(self.projects.root / "finetuned", models_dir, data_roots=finetune_data_roots)
         self.models = Models(models_dir, self.finetuner, device)
         self.exports = self.projects.root / "_exports"
         self._active: dict[str, object] = {}  # session hash -> running pipeline (for Stop)

@@ -23,6 +23,7 @@ from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFA
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                                 DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
 
+from .finetune import training_data_roots
 from .projects import _pl
 from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Studio
 
@@ -331,11 +332,15 @@ def _api_components() -> dict:
 
 
 def launch_studio(*, models_dir="assets/models", projects_dir="projects", device=None, server_name="127.0.0.1",
-                  port=7860, auth=None, max_upload_mb=20.0, queue_size=16, preload=True, quiet=False):
+                  port=7860, auth=None, max_upload_mb=20.0, queue_size=16, preload=True, quiet=False,
+                  finetune_data=None):
     """Build and launch the studio; returns (demo, local url). Models load in a background thread
-    after the page is served (or lazily on first use when preload is False)."""
+    after the page is served (or lazily on first use when preload is False). Served beyond this
+    machine, the Fine-tune tab reads training folders only inside PROJECTS_DIR/datasets and
+    `finetune_data`; on 127.0.0.1, any folder."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    studio = Studio(models_dir=models_dir, projects_dir=projects_dir, device=device)
+    studio = Studio(models_dir=models_dir, projects_dir=projects_dir, device=device,
+                    finetune_data_roots=training_data_roots(server_name, projects_dir, finetune_data))
     demo = build_ui(studio)
     demo.studio = studio
     demo.queue(max_size=queue_size, default_concurrency_limit=4)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pipelines import InpaintPipeline, ModelStore, Text2ImagePipeline
-from studio.finetune import FineTuner, read_log
+from studio.finetune import FineTuneError, FineTuner, read_log, training_data_roots
 from studio.projects import ProjectError, ProjectStore, read_recipe
 from studio.session import (Studio, check_image, editor_composite, editor_layers_alpha, mask_image_from, read_upload)
 
@@ -299,6 +299,27 @@ while not stop and time.time() < deadline:
 shutil.copytree(os.environ["STUB_MODEL"], os.path.join(out, "model"), dirs_exist_ok=True)
 log.write(json.dumps({"event": "end", "step": step, "reason": "signal"}) + "\n"); log.flush()
 '''
+
+
+def test_finetune_reachable_from_the_network_trains_only_inside_its_data_folders(tmp_path, tiny_models):
+    import sys
+
+    assert training_data_roots("127.0.0.1", tmp_path / "projects") is None  # local: any folder
+    roots = training_data_roots("0.0.0.0", tmp_path / "projects", tmp_path / "shared")
+    assert roots == [tmp_path / "projects" / "datasets", tmp_path / "shared"]
+    allowed, outside = roots[0] / "mine", tmp_path / "elsewhere"
+    allowed.mkdir(parents=True)
+    outside.mkdir()
+    (roots[0] / "link").symlink_to(outside)
+    tuner = FineTuner(tmp_path / "finetuned", tiny_models, trainer=[sys.executable, "-c", "pass"], data_roots=roots)
+    try:
+        for i, folder in enumerate([outside, roots[0] / "link", allowed / ".." / ".." / ".." / "elsewhere"]):
+            with pytest.raises(FineTuneError, match="reachable from the network.*--finetune-data"):
+                tuner.start(data=str(folder), name=f"refused{i}")
+            assert not (tuner.root / f"refused{i}").exists()
+        assert tuner.start(data=str(allowed), name="inside") == "inside"
+    finally:
+        tuner.close()
 
 
 def test_finetune_start_stop_resume_with_a_stub_trainer(tmp_path, tiny_models, monkeypatch):
