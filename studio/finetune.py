@@ -123,13 +123,14 @@ class FineTuner:
         data = (data or "").strip()
         if not data:
             raise FineTuneError("give a folder of images with captions (image.png + image.txt, or captions.jsonl)")
-        if data != "shapes" and not Path(data).is_dir():
-            raise FineTuneError(f"{data} is not a folder on the server")
-        if data != "shapes" and self.data_roots is not None \
-                and not any(Path(data).resolve().is_relative_to(r) for r in self.data_roots):
-            roots = " or ".join(str(r) for r in self.data_roots)
-            raise FineTuneError(f"this studio is reachable from the network, so it trains only on folders inside "
-                                f"{roots}; put the images there, or restart it with --finetune-data FOLDER")
+        if data != "shapes":
+            if not Path(data).is_dir():
+                raise FineTuneError(f"{data} is not a folder on the server")
+            if self.data_roots is not None and not any(Path(data).resolve().is_relative_to(r)
+                                                       for r in self.data_roots):
+                roots = " or ".join(str(r) for r in self.data_roots)
+                raise FineTuneError(f"this studio is reachable from the network, so it trains only on folders "
+                                    f"inside {roots}; put the images there, or restart it with --finetune-data FOLDER")
         run = self.run_dir(name)
         if run.exists() and any(run.iterdir()):
             raise FineTuneError(f"a run named {name!r} exists; resume it or pick another name")

@@ -609,6 +609,8 @@ def _pipeline_model(args):
         kw["sampler"] = args.sampler
     if args.guidance_min_t is not None:
         kw["guidance_min_t"] = args.guidance_min_t
+    inpaint_kw = kw if args.inpaint_guidance is None else {**kw, "guidance_scale": args.inpaint_guidance}
+    sdedit_kw = kw if args.sdedit_guidance is None else {**kw, "guidance_scale": args.sdedit_guidance}
 
     def get(name):
         if name not in cache:
@@ -622,16 +624,14 @@ def _pipeline_model(args):
 
     # edits stay at the cases' resolution (upsample=False): they are scored there
     def inpaint(image, mask, prompt, seed):
-        scale = {} if args.inpaint_guidance is None else {"guidance_scale": args.inpaint_guidance}
         out = get("InpaintPipeline")(prompt=prompt, image=image, mask_image=mask,
-                                     mode=args.inpaint_mode, seed=seed, upsample=False, **scale, **kw)
+                                     mode=args.inpaint_mode, seed=seed, upsample=False, **inpaint_kw)
         rep = getattr(out, "changed_outside_mask", None)
         return out.images[0], (int(rep[0]) if rep else None)
 
     def sdedit(image, prompt, seed):
-        scale = {} if args.sdedit_guidance is None else {"guidance_scale": args.sdedit_guidance}
         out = get("SDEditPipeline")(prompt=prompt, image=image, strength=args.strength, seed=seed,
-                                    upsample=False, **scale, **kw)
+                                    upsample=False, **sdedit_kw)
         return out.images[0]
 
     return generate, inpaint, sdedit

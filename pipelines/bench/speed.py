@@ -168,9 +168,10 @@ def run_case(case: Case, device: torch.device, dtypes, naive: bool, warmup: int,
     timings = {}
     for dtype in dtypes:
         plain = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)  # cast from fp32 each time
-        model = use_fast_layout(copy.deepcopy(plain))
+        # the layout load_model gives (channels_last on CPU; a copy, so `plain` stays the NCHW baseline)
+        model = use_fast_layout(copy.deepcopy(plain)) if device.type == "cpu" else plain
         variants = [("sdpa", contextlib.nullcontext, model)]
-        if model.device.type == "cpu":
+        if model is not plain:
             variants.append(("sdpa nchw", contextlib.nullcontext, plain))
         if naive:
             variants.append(("naive", use_naive_attention, model))
