@@ -18,14 +18,16 @@ import json
 import sys
 from pathlib import Path
 
-from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR,
-                       DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
-                       DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
-                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS, steps_from_text)
+from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T,
+                       DEFAULT_GUIDANCE_MIN_T_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER,
+                       DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER,
+                       DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+                       DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS, steps_from_text)
 
 
 def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | str = DEFAULT_STEPS,
-            sampler: str = DEFAULT_SAMPLER) -> None:
+            sampler: str = DEFAULT_SAMPLER, guidance_min_t: int | None = DEFAULT_GUIDANCE_MIN_T) -> None:
+    """guidance_min_t None: the pipeline picks it (inpainting: by --mode)."""
     g = p.add_argument_group("model and sampling")
     g.add_argument("--models", default=None, help="models folder, model folder or released GLIDE .pt "
                    "(default: the shipped models, or $STUDIO_MODELS_DIR)")
@@ -38,9 +40,10 @@ def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | 
     if guidance is not None:
         g.add_argument("--guidance-scale", type=float, default=guidance,
                        help=f"classifier-free guidance scale (default {guidance})")
-        g.add_argument("--guidance-min-t", type=int, default=DEFAULT_GUIDANCE_MIN_T,
-                       help="guidance only at timesteps t >= this, 0 = every step "
-                            f"(default {DEFAULT_GUIDANCE_MIN_T})")
+        shown = guidance_min_t if guidance_min_t is not None else (
+            f"{DEFAULT_GUIDANCE_MIN_T_INPAINT} with --mode finetuned, {DEFAULT_GUIDANCE_MIN_T} with replace")
+        g.add_argument("--guidance-min-t", type=int, default=guidance_min_t,
+                       help=f"guidance only at timesteps t >= this, 0 = every step (default {shown})")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--out", default="out.png", help="output PNG; several images get _1, _2 ... suffixes")
     g.add_argument("--json", action="store_true", help="print the parameters (for replay) as JSON")
@@ -76,7 +79,8 @@ def _mask_args(p: argparse.ArgumentParser, strength: float) -> None:
 
 
 def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: str, strength: float,
-                  guidance: float, steps: int | str, upsample_sampler: str) -> argparse.ArgumentParser:
+                  guidance: float, steps: int | str, upsample_sampler: str,
+                  guidance_min_t: int | None = DEFAULT_GUIDANCE_MIN_T) -> argparse.ArgumentParser:
     """The arguments inpaint and sdedit share: an image, a mask, a prompt, the mask and sampling
     options and an automatic upsampler stage."""
     p = sub.add_parser(name, help=help)
@@ -84,7 +88,7 @@ def _edit_command(sub, name: str, help: str, *, mask_required: bool, mask_help: 
     p.add_argument("--mask", required=mask_required, default=None, help=mask_help)
     _prompt(p)
     _mask_args(p, strength)
-    _common(p, guidance=guidance, steps=steps)
+    _common(p, guidance=guidance, steps=steps, guidance_min_t=guidance_min_t)
     _upsample_args(p, upsample_sampler, auto=True)
     return p
 
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _edit_command(sub, "inpaint", "regenerate the white part of a mask", mask_required=True,
                       mask_help="white = regenerate, black = keep", strength=1.0, guidance=DEFAULT_GUIDANCE_INPAINT,
-                      steps=DEFAULT_STEPS_INPAINT, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER_INPAINT)
+                      steps=DEFAULT_STEPS_INPAINT, upsample_sampler=DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
+                      guidance_min_t=None)
     p.add_argument("--mode", choices=["finetuned", "replace"], default="finetuned",
                    help="finetuned: the inpainting model; replace: any model, known region replaced each step")
 

@@ -21,9 +21,10 @@ import torch
 
 from .base import MaskedEditPipeline, PipelineInputError, check_prompt, reproducible, resolve_seed, to_rgb_array
 from .checkpoints import CheckpointError
-from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_MASK_BLUR, DEFAULT_PADDING,
-                       DEFAULT_SAMPLER, DEFAULT_STEPS_INPAINT, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
-                       DEFAULT_UPSAMPLE_STRENGTH, DEFAULT_UPSAMPLE_TEMPERATURE)
+from .defaults import (DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDANCE_MIN_T, DEFAULT_GUIDANCE_MIN_T_INPAINT,
+                       DEFAULT_MASK_BLUR, DEFAULT_PADDING, DEFAULT_SAMPLER, DEFAULT_STEPS_INPAINT,
+                       DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH,
+                       DEFAULT_UPSAMPLE_TEMPERATURE)
 
 MODES = ("finetuned", "replace")
 
@@ -48,7 +49,7 @@ class InpaintPipeline(MaskedEditPipeline):
                  strength: float = 1.0, mask_blur: float = DEFAULT_MASK_BLUR, padding: int = DEFAULT_PADDING,
                  num_images: int = 1,
                  num_inference_steps: int | str = DEFAULT_STEPS_INPAINT, sampler: str = DEFAULT_SAMPLER,
-                 guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, guidance_min_t: int = DEFAULT_GUIDANCE_MIN_T,
+                 guidance_scale: float = DEFAULT_GUIDANCE_INPAINT, guidance_min_t: int | None = None,
                  generator=None, seed: int | None = None,
                  upsample: bool | None = None, upsample_steps: int | str = DEFAULT_UPSAMPLE_STEPS,
                  upsample_sampler: str = DEFAULT_UPSAMPLE_SAMPLER_INPAINT,
@@ -57,9 +58,11 @@ class InpaintPipeline(MaskedEditPipeline):
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Regenerate the white part of `mask_image` in `image` following `prompt`.
 
-        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0 at t >= 300; the
-        upsampler stage samples ancestrally too, from min(strength, upsample_strength), starting from
+        Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the upsampler
+        stage samples ancestrally too, from min(strength, upsample_strength), starting from
         the known pixels and, inside the mask, the enlarged base result.
+        guidance_min_t: guidance only at timesteps t >= this; None = 900 with mode="finetuned" (the
+          model sees the known pixels, so later guidance only harms the seam), 300 with "replace".
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
           at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
         mask_blur: width in px (full resolution) of the blend band inside the mask edge.
@@ -76,6 +79,8 @@ class InpaintPipeline(MaskedEditPipeline):
         timings: dict = {}
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
+        if guidance_min_t is None:
+            guidance_min_t = DEFAULT_GUIDANCE_MIN_T_INPAINT if mode == "finetuned" else DEFAULT_GUIDANCE_MIN_T
         self.check_inputs(prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
                           num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample, upsample_steps,
                           upsample_sampler, upsample_temperature, upsample_strength)

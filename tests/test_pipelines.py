@@ -19,7 +19,7 @@ from pipelines import (CheckpointError, EmptyMaskError, GenerationInterrupted, I
                        NonFiniteOutputError, PipelineInputError, SDEditPipeline, Text2ImagePipeline,
                        UpsamplePipeline)
 from pipelines.base import MaskedCrop, feather
-from pipelines.defaults import DEFAULT_GUIDANCE_MIN_T, DEFAULT_SAMPLER
+from pipelines.defaults import DEFAULT_GUIDANCE_MIN_T, DEFAULT_GUIDANCE_MIN_T_INPAINT, DEFAULT_SAMPLER
 from pipelines.io import ImageInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -128,7 +128,12 @@ def test_guidance_interval_is_recorded_and_1000_means_unguided(request, name):
         return pipe("a red circle", seed=4, upsample=False, num_inference_steps=4, **inputs, **strength, **kw)
 
     default = run()
-    assert default.params["guidance_min_t"] == DEFAULT_GUIDANCE_MIN_T == 300
+    # fine-tuned inpainting guides only while the object is placed; the others from t = 300
+    assert default.params["guidance_min_t"] == (900 if name == "inpaint" else 300)
+    if name == "inpaint":
+        assert DEFAULT_GUIDANCE_MIN_T_INPAINT == 900 and DEFAULT_GUIDANCE_MIN_T == 300
+        assert run(mode="replace").params["guidance_min_t"] == 300
+        assert np.array_equal(arr(default.images[0]), arr(run(guidance_min_t=900).images[0]))
     everywhere, never = run(guidance_min_t=0), run(guidance_min_t=1000)
     unguided = run(guidance_scale=1.0)
     assert np.array_equal(arr(never.images[0]), arr(unguided.images[0]))
@@ -478,7 +483,8 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
         assert params["num_inference_steps"].default == steps
         assert params["sampler"].default == D.DEFAULT_SAMPLER == "ddpm"
         assert params["guidance_scale"].default == scale
-        assert params["guidance_min_t"].default == D.DEFAULT_GUIDANCE_MIN_T
+        # None: InpaintPipeline picks it by mode (900 fine-tuned, 300 replace; tested above)
+        assert params["guidance_min_t"].default == (None if cls is InpaintPipeline else D.DEFAULT_GUIDANCE_MIN_T)
     files = ["--image", "in.png", "--mask", "mask.png"]
     cli = {"generate": ([], D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
            "sdedit": (files, D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
@@ -486,7 +492,7 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
     for command, (extra, steps, scale) in cli.items():
         args = build_parser().parse_args([command, "--prompt", "x", *extra])
         assert (args.steps, args.sampler, args.guidance_scale) == (steps, D.DEFAULT_SAMPLER, scale)
-        assert args.guidance_min_t == D.DEFAULT_GUIDANCE_MIN_T
+        assert args.guidance_min_t == (None if command == "inpaint" else D.DEFAULT_GUIDANCE_MIN_T)
 
 
 # -----------------------------------------------------------------------------

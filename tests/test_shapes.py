@@ -325,10 +325,11 @@ def test_inpaint_benchmark():
     res = B.eval_inpaint(inp_or, 24)
     s = res["summary"]
     assert s["found"] >= 0.95 and s["changed_outside_max"] == 0 and abs(s["seam"]) < 1.0
+    assert abs(s["seam_median"]) < 1.0
     assert s["found_add"] is not None and s["found_replace"] is not None
     _, inp_noise, _ = B.noise_model()
     s = B.eval_inpaint(inp_noise, 24, keep_images=False)["summary"]
-    assert s["found"] <= 0.05 and s["changed_outside_max"] == 0 and s["seam"] > 20
+    assert s["found"] <= 0.05 and s["changed_outside_max"] == 0 and s["seam"] > 20 and s["seam_median"] > 20
 
     def sloppy(image, mask, prompt, seed):  # touches the whole image
         return Image.fromarray(np.clip(np.asarray(image).astype(int) + 3, 0, 255).astype(np.uint8))

@@ -18,7 +18,9 @@ Tasks
   ``full`` (the whole prompt holds), the pixels changed outside the mask (must
   be 0) and ``seam``: the median deviation of the background from the world's
   lighting model (colour x vertical gradient) in a ring just inside the mask
-  minus the same in a ring just outside, in levels (0 = seamless).
+  minus the same in a ring just outside, in levels (0 = seamless), averaged
+  over the cases; ``seam_median`` is its median over the cases, which a few
+  fills in an off colour cannot dominate.
 * ``sdedit``: ``shapes.sdedit_case`` crude blobs + a prompt naming the
   shapes.  Reports ``found`` (right colour and shape where each blob was),
   ``color_at_blob``, ``shape_at_blob``, ``full``, and ``stray``: mean absolute
@@ -346,6 +348,8 @@ def _inpaint_summary(records: list) -> dict:
     out["changed_outside_max"] = max((r["changed_outside"] for r in records), default=None)
     out["untouched_outside"] = _mean(r["changed_outside"] == 0 for r in records)
     out["seam"] = _mean(r["seam"] for r in records)
+    seams = [r["seam"] for r in records if r["seam"] is not None]
+    out["seam_median"] = float(np.median(seams)) if seams else None
     for kind in ("add", "replace"):
         sub = [r for r in records if r["kind"] == kind]
         out[f"found_{kind}"] = _mean(r["found"] for r in sub)
