@@ -27,7 +27,7 @@ from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_GUIDA
 
 def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | str = DEFAULT_STEPS,
             sampler: str = DEFAULT_SAMPLER, guidance_min_t: int | None = DEFAULT_GUIDANCE_MIN_T) -> None:
-    """guidance_min_t None: the pipeline picks it (inpainting: by --mode)."""
+    """guidance_min_t None: the pipeline picks it (inpainting: by --mode and --strength)."""
     g = p.add_argument_group("model and sampling")
     g.add_argument("--models", default=None, help="models folder, model folder or released GLIDE .pt "
                    "(default: the shipped models, or $STUDIO_MODELS_DIR)")
@@ -41,7 +41,7 @@ def _common(p: argparse.ArgumentParser, *, guidance: float | None, steps: int | 
         g.add_argument("--guidance-scale", type=float, default=guidance,
                        help=f"classifier-free guidance scale (default {guidance})")
         shown = guidance_min_t if guidance_min_t is not None else (
-            f"{DEFAULT_GUIDANCE_MIN_T_INPAINT} with --mode finetuned, {DEFAULT_GUIDANCE_MIN_T} with replace")
+            f"{DEFAULT_GUIDANCE_MIN_T_INPAINT} with --mode finetuned and --strength 1, else {DEFAULT_GUIDANCE_MIN_T}")
         g.add_argument("--guidance-min-t", type=int, default=guidance_min_t,
                        help=f"guidance only at timesteps t >= this, 0 = every step (default {shown})")
     g.add_argument("--num-images", type=int, default=1)

@@ -38,7 +38,8 @@ DEFAULT_GUIDANCE_MIN_T = 300
 # scene's colours and shows as a seam. Shapes benchmark, 48 cases (--tasks inpaint --inpaint-cases 48
 # --guidance-min-t T), T = 300 / 600 / 800 / 900 / 1000 (unguided): seam 1.39 / 1.32 / 0.99 / 0.91 / 0.69 levels,
 # object found 8.3 / 8.3 / 8.3 / 10.4 / 4.2%, 169 / 154 / 136 / 133 / 123 s. mode="replace" keeps 300: its model
-# sees no context, and from 900 the object was found in 2% of cases against 10%.
+# sees no context, and from 900 the object was found in 2% of cases against 10%. So does strength < 1, whose run
+# may start below t = 900 and would never be guided (not measured).
 DEFAULT_GUIDANCE_MIN_T_INPAINT = 900
 DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
 DEFAULT_MASK_BLUR = 4  # px of the feather band inside the mask edge

@@ -61,8 +61,9 @@ class InpaintPipeline(MaskedEditPipeline):
         Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the upsampler
         stage samples ancestrally too, from min(strength, upsample_strength), starting from
         the known pixels and, inside the mask, the enlarged base result.
-        guidance_min_t: guidance only at timesteps t >= this; None = 900 with mode="finetuned" (the
-          model sees the known pixels, so later guidance only harms the seam), 300 with "replace".
+        guidance_min_t: guidance only at timesteps t >= this; None = 900 with mode="finetuned" from
+          strength 1 (the model sees the known pixels, so later guidance only harms the seam), else 300
+          (with "replace"; and from strength < 1, whose run may start below t = 900).
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
           at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
         mask_blur: width in px (full resolution) of the blend band inside the mask edge.
@@ -80,7 +81,8 @@ class InpaintPipeline(MaskedEditPipeline):
         # 1. Check inputs
         self._start(num_images, guidance_scale, sampler, pipeline)
         if guidance_min_t is None:
-            guidance_min_t = DEFAULT_GUIDANCE_MIN_T_INPAINT if mode == "finetuned" else DEFAULT_GUIDANCE_MIN_T
+            from_noise_finetuned = mode == "finetuned" and strength == 1
+            guidance_min_t = DEFAULT_GUIDANCE_MIN_T_INPAINT if from_noise_finetuned else DEFAULT_GUIDANCE_MIN_T
         self.check_inputs(prompt, negative_prompt, mode, strength, mask_blur, padding, num_images,
                           num_inference_steps, sampler, guidance_scale, guidance_min_t, upsample, upsample_steps,
                           upsample_sampler, upsample_temperature, upsample_strength)

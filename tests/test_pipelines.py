@@ -133,6 +133,7 @@ def test_guidance_interval_is_recorded_and_1000_means_unguided(request, name):
     if name == "inpaint":
         assert DEFAULT_GUIDANCE_MIN_T_INPAINT == 900 and DEFAULT_GUIDANCE_MIN_T == 300
         assert run(mode="replace").params["guidance_min_t"] == 300
+        assert run(strength=0.8).params["guidance_min_t"] == 300  # its run starts below t = 900: still guided
         assert np.array_equal(arr(default.images[0]), arr(run(guidance_min_t=900).images[0]))
     everywhere, never = run(guidance_min_t=0), run(guidance_min_t=1000)
     unguided = run(guidance_scale=1.0)
@@ -483,7 +484,7 @@ def test_pipelines_and_cli_take_the_one_set_of_defaults():
         assert params["num_inference_steps"].default == steps
         assert params["sampler"].default == D.DEFAULT_SAMPLER == "ddpm"
         assert params["guidance_scale"].default == scale
-        # None: InpaintPipeline picks it by mode (900 fine-tuned, 300 replace; tested above)
+        # None: InpaintPipeline picks it by mode and strength (tested above)
         assert params["guidance_min_t"].default == (None if cls is InpaintPipeline else D.DEFAULT_GUIDANCE_MIN_T)
     files = ["--image", "in.png", "--mask", "mask.png"]
     cli = {"generate": ([], D.DEFAULT_STEPS, D.DEFAULT_GUIDANCE),
