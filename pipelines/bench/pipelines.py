@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     def t2i_64(**kw):
         return t2i(prompt="a red circle", seed=0, upsample=False, **kw)
 
+    def inpaint_64(**kw):
+        return inpaint(prompt=prompt, image=image, mask_image=mask, seed=0, **kw)
+
     rows = [
         ("text-to-image 64 (default)", t2i_64),
         ("text-to-image 64 (GLIDE notebook: ddpm 100)", lambda: t2i_64(sampler="ddpm", num_inference_steps="100")),
@@ -64,10 +67,9 @@ def main(argv=None) -> None:
         ("text-to-image 64 (guidance at every step)", lambda: t2i_64(guidance_min_t=0)),
         ("text-to-image 64 (ddim10, the faster choice)", lambda: t2i_64(num_inference_steps="ddim10")),
         ("text-to-image 64 -> 256 (default)", lambda: t2i(prompt="a red circle", seed=0)),
-        ("inpaint 64, fine-tuned (default)", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0)),
-        ("inpaint 64, fine-tuned, guidance at t >= 300",
-         lambda: inpaint(prompt=prompt, image=image, mask_image=mask, seed=0, guidance_min_t=300)),
-        ("inpaint 64, replace", lambda: inpaint(prompt=prompt, image=image, mask_image=mask, mode="replace", seed=0)),
+        ("inpaint 64, fine-tuned (default)", inpaint_64),
+        ("inpaint 64, fine-tuned, guidance at t >= 300", lambda: inpaint_64(guidance_min_t=300)),
+        ("inpaint 64, replace", lambda: inpaint_64(mode="replace")),
         ("sdedit 64, strength 0.6", lambda: sdedit(prompt="a green triangle", image=blob, strength=0.6, seed=0)),
         ("upsample 64 -> 256 (default)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
     ]
