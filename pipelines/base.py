@@ -44,7 +44,7 @@ from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPL
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
                        DEFAULT_UPSAMPLE_TEMPERATURE, SAMPLERS)
 from .diffusion import classifier_free_guidance, make_schedule, respace, sample
-from .io import load_image
+from .io import load_image, load_mask_image
 from .tokenizer import TokenBatch
 
 NUM_TIMESTEPS = 1000  # every GLIDE-family model here is trained on a 1000-step process
@@ -387,7 +387,7 @@ def resize_rgb(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def load_mask(mask_image, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
     """diffusers' mask (white = regenerate) → HxW bool (True = regenerate), resized to `size` (w, h)."""
     warnings = []
-    m = load_image(mask_image, "L")
+    m = load_mask_image(mask_image)
     if m.size != tuple(size):
         warnings.append(f"the mask is {m.width}x{m.height} but the image is {size[0]}x{size[1]}; "
                         "the mask was resized (nearest) to the image")

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_replace_dir
+from .io import atomic_replace_dir, restore_interrupted_dir
 from .models.glide import GlideConfig, GlideUNet
 from .tokenizer import GPT2_FILES, PromptTokenizer, find_gpt2_file
 
@@ -70,6 +70,7 @@ def use_fast_layout(model: GlideUNet) -> GlideUNet:
 def load_model(path, device=None, dtype=None) -> GlideUNet:
     """Load a model file or folder; returns the module with `.config` and `.info` (ModelInfo)."""
     path = Path(path)
+    restore_interrupted_dir(path)  # an export that a killed trainer left half swapped
     if not path.exists():
         raise CheckpointError(f"no model at {path}; give a model folder (config.json + model.safetensors) "
                               "or a released GLIDE .pt file")

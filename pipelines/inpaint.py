@@ -93,8 +93,9 @@ class InpaintPipeline(MaskedEditPipeline):
             raise PipelineInputError("mask_image is required (white = regenerate); use Text2ImagePipeline "
                                      "or SDEditPipeline without a mask")
         crop = self._crop_around_mask(image_arr, mask_image, padding=padding, mask_blur=mask_blur, warnings=warnings,
-                                      if_empty="the mask is empty (no pixel is white): there is nothing to "
-                                               "regenerate; paint the area to change in white")
+                                      if_empty="the mask is empty (no pixel is white; transparent ones count as "
+                                               "black): there is nothing to regenerate; paint the area to "
+                                               "change in white")
         # 3. Pick the models
         if mode == "finetuned":
             if not self.store.has("base-inpaint"):

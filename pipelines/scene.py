@@ -27,6 +27,7 @@ images as inputs, and reports per node whether the output reproduces bit-exactly
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -44,6 +45,9 @@ FORMAT = "glide-studio-scene"
 VERSION = 1
 SCENE_FILE = "scene.json"
 IMAGES_DIR = "images"
+# a node's files are images/<id>.png: an id is a plain file name, never a path (a scene from a zip
+# must not reach outside its folder)
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 OPS = ("import", "generate", "inpaint", "sdedit", "upsample")
 OP_OF_PIPELINE = {"text2image": "generate", "inpaint": "inpaint", "sdedit": "sdedit", "upsample": "upsample"}
 PIPELINE_OF_OP = {v: k for k, v in OP_OF_PIPELINE.items()}
@@ -109,10 +113,13 @@ class Node:
     @classmethod
     def from_json(cls, d: dict) -> "Node":
         try:
-            op = d["op"]
+            op, node_id = d["op"], str(d["id"])
+            if not NODE_ID_RE.match(node_id):
+                raise SceneError(f"node id {node_id!r} is not a plain name (letters, digits, '-' and '_'); "
+                                 "the scene.json was not written by this studio")
             if op not in OPS:
                 raise SceneError(f"node {d.get('id')!r} has unknown op {op!r}; expected one of {OPS}")
-            return cls(id=str(d["id"]), parent=d.get("parent"), op=op, params=_upgraded(dict(d.get("params") or {})),
+            return cls(id=node_id, parent=d.get("parent"), op=op, params=_upgraded(dict(d.get("params") or {})),
                        created=float(d.get("created", 0.0)), duration=d.get("duration"), index=int(d.get("index", 0)),
                        changed_outside_mask=d.get("changed_outside_mask"), warnings=list(d.get("warnings") or []),
                        working_box=d.get("working_box"), has_mask=bool(d.get("mask")), has_input=bool(d.get("input")))

@@ -73,9 +73,9 @@ class SDEditPipeline(MaskedEditPipeline):
         if masked:
             crop = self._crop_around_mask(image_arr, mask_image, padding=padding, mask_blur=mask_blur,
                                           warnings=warnings,
-                                          if_empty="the mask is empty (no pixel is white): there is nothing to "
-                                                   "change; paint the area to edit in white, or pass no mask to "
-                                                   "edit the whole image")
+                                          if_empty="the mask is empty (no pixel is white; transparent ones "
+                                                   "count as black): there is nothing to change; paint the area "
+                                                   "to edit in white, or pass no mask to edit the whole image")
         else:
             crop = MaskedCrop.build(image_arr, np.ones(image_arr.shape[:2], bool), padding=0, mask_blur=0)
         # 3. Pick the models: the base model (an inpainting model works too, without its extra channels)

@@ -126,23 +126,31 @@ class FineTuner:
         if data != "shapes":
             if not Path(data).is_dir():
                 raise FineTuneError(f"{data} is not a folder on the server")
+            data = str(Path(data).resolve())  # the trainer runs in REPO_ROOT, not in this process's folder
             if self.data_roots is not None and not any(Path(data).resolve().is_relative_to(r)
                                                        for r in self.data_roots):
                 roots = " or ".join(str(r) for r in self.data_roots)
                 raise FineTuneError(f"this studio is reachable from the network, so it trains only on folders "
                                     f"inside {roots}; put the images there, or restart it with --finetune-data FOLDER")
         run = self.run_dir(name)
-        if run.exists() and any(run.iterdir()):
+        if (run / "run.json").is_file():  # a start that failed before the trainer wrote it may be retried
             raise FineTuneError(f"a run named {name!r} exists; resume it or pick another name")
         init = init or (self.init_choices() or [""])[0]
         if not init or not (Path(init) / "config.json").is_file():
             raise FineTuneError(f"no model to start from ({init or 'none found'}); the default models dir "
                                 f"{self.default_models_dir} needs base/ or base-inpaint/")
-        steps, batch_size, sample_every = int(steps), int(batch_size), int(sample_every)
+        try:
+            steps, batch_size, sample_every, lr = int(steps), int(batch_size), int(sample_every), float(lr)
+        except (TypeError, ValueError, OverflowError):
+            raise FineTuneError("steps, batch size, samples-every and learning rate must be numbers") from None
         if steps < 1 or batch_size < 1:
             raise FineTuneError("steps and batch size must be at least 1")
+        if sample_every < 0:
+            raise FineTuneError("samples every N steps must be 0 (never) or more")
+        if not 0 < lr <= 1:  # also refuses NaN
+            raise FineTuneError(f"the learning rate must be a positive number such as 1e-4, got {lr}")
         args = ["finetune-inpaint", "--out", str(run), "--init", str(Path(init).resolve()), "--data", data,
-                "--max-steps", str(steps), "--batch-size", str(batch_size), "--lr", str(float(lr)),
+                "--max-steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
                 "--sample-every", str(sample_every), "--checkpoint-every", str(max(sample_every, 50)),
                 "--samples", "4", "--workers", "0", "--name", name]
         if device:
@@ -155,7 +163,13 @@ class FineTuner:
             raise FineTuneError(f"run {name!r} has nothing to resume (no run.json in {run})")
         args = ["finetune-inpaint", "--out", str(run), "--resume"]
         if steps:
-            args += ["--max-steps", str(int(steps))]
+            try:
+                steps = int(steps)
+            except (TypeError, ValueError, OverflowError):
+                raise FineTuneError(f"steps must be a whole number, got {steps!r}") from None
+            if steps < 1:
+                raise FineTuneError("steps must be at least 1")
+            args += ["--max-steps", str(steps)]
         return self._spawn(name, args)
 
     def _spawn(self, name: str, args: list[str]) -> str:

@@ -24,11 +24,14 @@ import threading
 import time
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from pipelines.scene import IMAGES_DIR, NODE_ID_RE  # no torch: the project list is read before it loads
 
 
 def _pl():
@@ -112,6 +115,7 @@ class Project:
         _pl().io.atomic_replace_dir(build, self.folder / LAST_RUN_DIR)
 
     def last_run(self) -> dict | None:
+        _pl().io.restore_interrupted_dir(self.folder / LAST_RUN_DIR)
         path = self.folder / LAST_RUN_DIR / "run.json"
         if not path.is_file():
             return None
@@ -282,7 +286,9 @@ class ProjectStore:
                 continue
             nodes = {n.get("id"): n for n in scene.get("nodes") or []}
             current = nodes.get(scene.get("current"))
-            thumb = folder / SCENE_DIR / current["image"] if current and current.get("image") else None
+            thumb = None  # from the node's id, never from a path written in scene.json
+            if current and NODE_ID_RE.match(str(current.get("id"))):
+                thumb = folder / SCENE_DIR / IMAGES_DIR / f"{current['id']}.png"
             out.append({"id": folder.name, "name": meta.get("name") or folder.name,
                         "updated": float(meta.get("updated", 0)), "nodes": len(nodes),
                         "thumbnail": str(thumb) if thumb is not None and thumb.is_file() else None})
@@ -330,18 +336,27 @@ class ProjectStore:
             pid = new_id()
             with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as tmp:
                 tmp = Path(tmp)
-                for info in infos:
-                    if info.is_dir() or not info.filename.startswith(prefix):
-                        continue
-                    target = tmp / info.filename[len(prefix):]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                try:
+                    for info in infos:
+                        if info.is_dir() or not info.filename.startswith(prefix):
+                            continue
+                        target = tmp / info.filename[len(prefix):]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        with zf.open(info) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                # a CRC mismatch or truncation (BadZipFile, EOFError, zlib.error), a password
+                # (RuntimeError), an unknown compression method (NotImplementedError)
+                except (zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError, OSError) as e:
+                    raise ProjectError(f"the zip is damaged or in a form this studio cannot read "
+                                       f"({type(e).__name__}: {e}); export the project again") from e
                 try:
                     meta = json.loads((tmp / PROJECT_FILE).read_text())
-                    _pl().Scene.load(tmp / SCENE_DIR)
+                    scene = _pl().Scene.load(tmp / SCENE_DIR)
                 except (json.JSONDecodeError, UnicodeDecodeError, _pl().SceneError) as e:
                     raise ProjectError(f"the project in the zip is damaged: {e}") from e
+                if not isinstance(meta, dict):
+                    raise ProjectError(f"the project in the zip is damaged: {PROJECT_FILE} is not a JSON object")
+                _check_scene_images(scene, tmp / SCENE_DIR)
                 now = time.time()
                 meta.update(format=FORMAT, version=VERSION, id=pid, updated=now,
                             name=(name or meta.get("name") or "Imported project"))
@@ -353,6 +368,21 @@ class ProjectStore:
 
                 _pl().io.atomic_replace_dir(build, self.folder(pid))
         return self.open(pid)
+
+
+def _check_scene_images(scene, folder: Path) -> None:
+    """Every image the scene names is in `folder` and reads as an image (a project with holes
+    would fail later, when opened or edited)."""
+    if scene.warnings:
+        missing = "; ".join(scene.warnings[:3]) + (" ..." if len(scene.warnings) > 3 else "")
+        raise ProjectError(f"the project in the zip is incomplete ({missing}); export it again")
+    for node in scene.nodes.values():
+        for rel in filter(None, (node.image_file, node.mask_file, node.input_file)):
+            try:
+                with Image.open(folder / rel) as im:
+                    im.verify()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise ProjectError(f"{rel} in the zip is not a readable image ({e}); export the project again") from e
 
 
 def _common_prefix(names: list[str]) -> str:

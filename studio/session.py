@@ -15,6 +15,7 @@ pipeline object is registered under the browser session so that Stop interrupts 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -24,9 +25,10 @@ import time
 import uuid
 from pathlib import Path
 
+import cv2
 import gradio as gr
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
@@ -75,9 +77,9 @@ def pack(names, **values) -> tuple:
     return tuple(values[n] if n in values else gr.skip() for n in names)
 
 
-def check_image(image: Image.Image, what: str = "the image") -> Image.Image:
+def check_image(image: Image.Image, what: str = "the image", min_side: int = MIN_SIDE) -> Image.Image:
     w, h = image.size
-    if min(w, h) < MIN_SIDE:
+    if min(w, h) < min_side:
         raise gr.Error(f"{what} is {w}x{h} pixels; the studio needs at least {MIN_SIDE}x{MIN_SIDE}")
     if max(w, h) > MAX_SIDE:
         raise gr.Error(f"{what} is {w}x{h} pixels; the largest accepted side is {MAX_SIDE} px "
@@ -92,11 +94,13 @@ def _file_path(value) -> str:
     return str(getattr(value, "path", None) or getattr(value, "name"))
 
 
-def read_upload(path, what: str = "the uploaded image") -> Image.Image:
-    """An uploaded file → RGB image, or a gr.Error that says what is wrong with it."""
+def read_upload(path, what: str = "the uploaded image", mask: bool = False) -> Image.Image:
+    """An uploaded file → RGB image (`mask`: L, transparent = black, any size as it is resized to
+    the image), or a gr.Error that says what is wrong with it."""
     if path is None:
         raise gr.Error(f"{what} is missing")
     path = _file_path(path)
+    min_side = 1 if mask else MIN_SIDE
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -104,17 +108,17 @@ def read_upload(path, what: str = "the uploaded image") -> Image.Image:
             raise gr.Error(f"{what} is a PDF; upload an image (PNG or JPEG)")
         try:  # the header alone: an 8000x8000 image is refused before it is decoded
             with Image.open(path) as im:
-                check_image(im, what)
+                check_image(im, what, min_side)
         except (OSError, SyntaxError, ValueError) as e:
             if isinstance(e, gr.Error):
                 raise
-        image = _pl().io.load_image(path, "RGB")
+        image = _pl().io.load_mask_image(path) if mask else _pl().io.load_image(path, "RGB")
     except _pl().io.ImageInputError as e:
         raise gr.Error(f"{what}: {e}") from None
     except Image.DecompressionBombError:
         raise gr.Error(f"{what} is far too large (decompression bomb protection); the largest side "
                        f"accepted is {MAX_SIDE} px") from None
-    return check_image(image, what)
+    return check_image(image, what, min_side)
 
 
 def editor_layers_alpha(value) -> np.ndarray | None:
@@ -211,8 +215,11 @@ class Models:
 class Studio:
     """The controller behind the UI and the API (one per app)."""
 
-    def __init__(self, models_dir="assets/models", projects_dir="projects", device=None, finetune_data_roots=None):
-        """finetune_data_roots: where the Fine-tune tab may read training folders (None = anywhere)."""
+    def __init__(self, models_dir="assets/models", projects_dir="projects", device=None, finetune_data_roots=None,
+                 max_upload_mb=None):
+        """finetune_data_roots: where the Fine-tune tab may read training folders (None = anywhere);
+        max_upload_mb: the server's upload limit (an export larger than it gets a warning)."""
+        self.max_upload_mb = max_upload_mb
         self.projects = ProjectStore(projects_dir)
         self.finetuner = FineTuner(self.projects.root / "finetuned", models_dir, data_roots=finetune_data_roots)
         self.models = Models(models_dir, self.finetuner, device)
@@ -225,7 +232,7 @@ class Studio:
     def _project(self, pid) -> Project:
         try:
             return self.projects.open(check_id(pid))
-        except ProjectError as e:
+        except ValueError as e:  # ProjectError, or a SceneError from a damaged scene.json
             raise gr.Error(f"{e}; reload the page to start a new project") from None
 
     def _image_path(self, project: Project, node_id: str, kind: str = "") -> str:
@@ -336,16 +343,15 @@ class Studio:
 
     def on_load(self, stored_pid, request: gr.Request = None):
         """Page load: reopen the browser's project (its id is all the browser keeps), else a new one."""
-        project = None
+        status = "New project."
         if isinstance(stored_pid, str) and self.projects.exists(stored_pid):
             try:
-                project = self.projects.open(stored_pid)
-            except ValueError as e:  # ProjectError, SceneError
+                return self._load_view(self.projects.open(stored_pid), "Project restored.")
+            except (ValueError, OSError) as e:  # ProjectError, SceneError (a damaged scene or a missing image)
                 log.warning("could not reopen project %s: %s", stored_pid, e)
-        restored = project is not None
-        if project is None:
-            project = self.projects.create()
-        return self._load_view(project, "Project restored." if restored else "New project.")
+                status = (f"Your last project could not be opened ({e}). Nothing was deleted: it is still in "
+                          f"{self.projects.folder(stored_pid)}. A new project was started.")
+        return self._load_view(self.projects.create(), status)
 
     def _load_view(self, project: Project, status: str = "") -> tuple:
         ws = dict(zip(WORKSPACE_OUTPUTS, self._workspace(project)))
@@ -531,19 +537,24 @@ class Studio:
         check_image(sketch, "the sketch")
         painted = editor_layers_alpha(canvas)
         mask = None
-        if only_sketched and painted is not None:
+        if only_sketched:
+            if painted is None:
+                raise gr.Error("nothing is sketched yet: draw strokes on the canvas, or untick "
+                               "“change only the sketched area” to re-draw the whole image")
             grow = max(2, int(round(s["mask_blur"])))  # the stroke's edge should be regenerated too
-            mask = Image.fromarray(painted.astype(np.uint8) * 255, "L").filter(ImageFilter.MaxFilter(2 * grow + 1))
+            # a square max filter, as cv2 runs it: PIL's MaxFilter takes minutes on a 4096 px canvas
+            grown = cv2.dilate(painted.astype(np.uint8) * 255, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8))
+            mask = Image.fromarray(grown, "L")
             if mask.size != sketch.size:
                 mask = mask.resize(sketch.size, Image.NEAREST)
-        if project.scene.current is None:  # sketching on the blank canvas: it becomes the first node
-            with self.projects.lock(project.id):
-                blank = Image.fromarray(np.asarray(canvas["background"])).convert("RGB")
-                project.scene.import_image(blank, source="blank canvas")
-                project.save()
+        # sketching on the blank canvas: it becomes the first node, once the edit has succeeded
+        blank = None
+        if project.scene.current is None:
+            blank = Image.fromarray(np.asarray(canvas["background"])).convert("RGB")
         kwargs = dict(self._sampling_kwargs("sdedit", prompt, negative, s), image=sketch, strength=float(strength),
                       mask_image=mask, mask_blur=s["mask_blur"])
-        yield from self._ui_run("sdedit", pid, s, kwargs, request, progress, mask=mask, input_image=sketch)
+        yield from self._ui_run("sdedit", pid, s, kwargs, request, progress, mask=mask, input_image=sketch,
+                                blank_canvas=blank)
 
     def upsample(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
                  inpaint_mode, upsample, upsample_strength, model,
@@ -569,16 +580,17 @@ class Studio:
                     upsample=self._upsample_flag(s["upsample"], op), upsample_strength=s["upsample_strength"],
                     **steps)
 
-    def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None):
-        """Run a pipeline with live previews, then record the result and send the new workspace."""
+    def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None, blank_canvas=None):
+        """Run a pipeline with live previews, then record the result and send the new workspace.
+        `blank_canvas`: an empty project's canvas, recorded as the edit's parent once it succeeds."""
         try:
-            yield from self._ui_run_steps(op, pid, s, kwargs, request, progress, mask, input_image)
+            yield from self._ui_run_steps(op, pid, s, kwargs, request, progress, mask, input_image, blank_canvas)
         except USER_ERRORS as e:  # a gr.Error is a ValueError too: it passes through unchanged
             raise self._user_error(e) from None
 
-    def _ui_run_steps(self, op, pid, s, kwargs, request, progress, mask, input_image):
+    def _ui_run_steps(self, op, pid, s, kwargs, request, progress, mask, input_image, blank_canvas):
         project = self._project(pid)
-        parent = project.scene.current_id
+        parent = project.scene.current_id  # the edit belongs where it started, even if the user moves on
         store = self.models.store(s["model"])
         pipe = pipeline(op, store)
         yield pack(RUN_OUTPUTS, status=f"Running {op}… (seed {s['seed']})", preview=None, seed=s["seed"])
@@ -587,7 +599,10 @@ class Studio:
         except Stopped as e:
             yield pack(RUN_OUTPUTS, status=f"Stopped ({e}); nothing was changed.")
             return
-        node_id = self._record(project, op, result, parent, mask=mask, input_image=input_image)
+        with self.projects.lock(project.id):
+            if parent is None and blank_canvas is not None:
+                parent = project.scene.import_image(blank_canvas, source="blank canvas").id
+            node_id = self._record(project, op, result, parent, mask=mask, input_image=input_image)
         took = result.timings.get("total_s", 0.0)
         status = f"{op} done in {took:.1f} s · seed {result.params['seed']}"
         if result.changed_outside_mask is not None:
@@ -684,7 +699,12 @@ class Studio:
     def export_zip(self, pid):
         project = self._project(pid)
         with self.projects.lock(project.id):
-            return str(project.export_zip(self._export_dir()))
+            path = project.export_zip(self._export_dir())
+        mb = path.stat().st_size / 2**20
+        if self.max_upload_mb is not None and mb > self.max_upload_mb:
+            gr.Warning(f"The zip is {mb:.0f} MB, over this studio's upload limit of {self.max_upload_mb:g} MB: "
+                       f"to import it back, start the studio with --max-upload-mb {math.ceil(mb) + 1}.")
+        return str(path)
 
     def import_zip(self, file):
         if file is None:
@@ -786,7 +806,7 @@ class Studio:
         img = read_upload(image, "the image") if image is not None else None
         if mask is None:
             raise gr.Error("the mask is missing (white = regenerate)")
-        m = read_upload(mask, "the mask").convert("L")
+        m = read_upload(mask, "the mask", mask=True)
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", mode=mode, strength=float(strength),
                       mask_blur=float(mask_blur), num_inference_steps=steps_from_text(steps or DEFAULT_STEPS_INPAINT),
                       sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
@@ -798,7 +818,7 @@ class Studio:
                    steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, guidance_scale=DEFAULT_GUIDANCE, seed=-1,
                    num_images=1, model=DEFAULT_MODEL, project_id=""):
         img = read_upload(image, "the image") if image is not None else None
-        m = read_upload(mask, "the mask").convert("L") if mask is not None else None
+        m = read_upload(mask, "the mask", mask=True) if mask is not None else None
         kwargs = dict(prompt=prompt or "", negative_prompt=negative_prompt or "", strength=float(strength),
                       mask_blur=float(mask_blur), num_inference_steps=steps_from_text(steps or DEFAULT_STEPS),
                       sampler=sampler, guidance_scale=float(guidance_scale), seed=self._api_seed(seed),
@@ -837,8 +857,8 @@ class Studio:
     def ft_start(self, data, name, init, steps, batch_size, lr, sample_every):
         name = (name or "").strip() or time.strftime("inpaint-%Y%m%d-%H%M%S")
         try:
-            self.finetuner.start(data=data, name=name, init=init or "", steps=int(steps), batch_size=int(batch_size),
-                                 lr=float(lr), sample_every=int(sample_every), device=self.models.device)
+            self.finetuner.start(data=data, name=name, init=init or "", steps=steps, batch_size=batch_size,
+                                 lr=lr, sample_every=sample_every, device=self.models.device)
         except FineTuneError as e:
             raise gr.Error(str(e)) from None
         return gr.update(choices=self.finetuner.runs(), value=name), f"Training run “{name}” started."
@@ -850,7 +870,7 @@ class Studio:
         if not name:
             raise gr.Error("pick a run to resume")
         try:
-            self.finetuner.resume(name, int(steps) if steps else None)
+            self.finetuner.resume(name, steps or None)
         except FineTuneError as e:
             raise gr.Error(str(e)) from None
         return f"Run “{name}” resumed."

@@ -22,6 +22,7 @@ import gradio as gr
 from pipelines.defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_MASK_BLUR, DEFAULT_SAMPLER,
                                 DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT,
                                 DEFAULT_UPSAMPLE_STEPS, DEFAULT_UPSAMPLE_STRENGTH, SAMPLERS)
+from pipelines.io import atomic_write_bytes
 
 from .finetune import training_data_roots
 from .projects import _pl
@@ -44,13 +45,15 @@ CSS = """
 def _secret(projects_dir: Path) -> str:
     """The BrowserState secret, stored once per projects folder so the id survives restarts."""
     path = projects_dir / ".studio_secret"
-    try:  # O_EXCL: created whole by exactly one process, readable by its owner only
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    except FileExistsError:
-        pass
-    return path.read_text().strip()
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        secret = ""
+    if not secret:  # first start, or an empty file left by an older version killed mid-write
+        # written whole or not at all, readable by its owner only (mkstemp's mode)
+        atomic_write_bytes(path, secrets.token_hex(32).encode())
+        secret = path.read_text().strip()
+    return secret
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -340,14 +343,16 @@ def launch_studio(*, models_dir="assets/models", projects_dir="projects", device
     `finetune_data`; on 127.0.0.1, any folder."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     studio = Studio(models_dir=models_dir, projects_dir=projects_dir, device=device,
-                    finetune_data_roots=training_data_roots(server_name, projects_dir, finetune_data))
+                    finetune_data_roots=training_data_roots(server_name, projects_dir, finetune_data),
+                    max_upload_mb=max_upload_mb)
     demo = build_ui(studio)
     demo.studio = studio
     demo.queue(max_size=queue_size, default_concurrency_limit=4)
     _, url, _ = demo.launch(
         server_name=server_name, server_port=port, auth=auth, prevent_thread_lock=True, quiet=quiet,
         max_file_size=int(max_upload_mb * 1024 * 1024), allowed_paths=[str(studio.projects.root)],
-        blocked_paths=[str(studio.projects.root / ".studio_secret"), str(studio.finetuner.root)],
+        blocked_paths=[str(studio.projects.root / ".studio_secret"), str(studio.finetuner.root),
+                       str(studio.projects.root / "datasets")],  # training images are the user's, not the UI's
         show_error=True, run_history=False, share=False, enable_monitoring=False, css=CSS,
         footer_links=["api", "settings"], mcp_server=False)
     # torch and the models load after the page is served: in the background, or on first use

@@ -366,3 +366,156 @@ def _start_stop_resume(tuner, data, wait_for_steps):
     args = json.loads((tuner.root / "run1" / "run.json").read_text())["args"]
     assert "--resume" in args and "--init" not in args
     assert "$ " in tuner.status("run1")["tail"]
+
+
+def _zip_of(project_folder, zpath, edit=lambda name, data: data):
+    """A zip of a project folder, each entry passed through `edit(name, bytes)` (None drops it)."""
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(project_folder.rglob("*")):
+            name = f.relative_to(project_folder).as_posix()
+            if f.is_file() and not name.startswith(".") and "/." not in name:
+                data = edit(name, f.read_bytes())
+                if data is not None:
+                    zf.writestr(name, data)
+    return zpath
+
+
+def test_damaged_or_hostile_project_zips_are_refused_with_a_message(tmp_path, store):
+    """A zip that a studio did not write whole: a node id that walks out of the folder (it would
+    read any PNG on the server), a project.json that is not an object, a missing or broken image,
+    a CRC error. Each is refused with a message, and nothing is imported."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "secret.png")
+    project, _, _ = _edited_project(ProjectStore(tmp_path / "p"), store)
+    first = next(iter(project.scene.nodes))
+    image = f"scene/images/{first}.png"
+
+    def traversal(name, data):
+        hops = "../" * 6  # from p/<id>/scene/images/ up to tmp_path
+        return data.replace(f'"{first}"'.encode(), f'"{hops}secret"'.encode()) if name == "scene/scene.json" else data
+
+    cases = {
+        "traversal": (traversal, "not a plain name"),
+        "list": (lambda n, d: b"[]" if n == "project.json" else d, "not a JSON object"),
+        "missing": (lambda n, d: None if n == image else d, "incomplete"),
+        "broken": (lambda n, d: b"\x89PNG\r\n\x1a\nnope" if n == image else d, "not a readable image"),
+    }
+    projects = ProjectStore(tmp_path / "dest")
+    for name, (edit, message) in cases.items():
+        with pytest.raises(ProjectError, match=message):
+            projects.import_zip(_zip_of(project.folder, tmp_path / f"{name}.zip", edit))
+    crc = _zip_of(project.folder, tmp_path / "crc.zip")
+    raw = bytearray(crc.read_bytes())
+    raw[raw.index(b"IDAT") + 8] ^= 0xFF  # a byte of a stored PNG flipped: the zip's CRC check fails on read
+    crc.write_bytes(bytes(raw))
+    with pytest.raises(ProjectError, match="damaged or in a form"):
+        projects.import_zip(crc)
+    assert projects.list() == [] and list(projects.root.iterdir()) == []
+
+
+def test_uploaded_masks_keep_transparent_pixels_and_may_be_small(tmp_path):
+    strokes = np.zeros((32, 32, 4), np.uint8)
+    strokes[..., :3] = 255  # transparent white
+    strokes[8:16, 8:24] = 255
+    Image.fromarray(strokes, "RGBA").save(tmp_path / "mask.png")
+    m = np.asarray(read_upload(tmp_path / "mask.png", "the mask", mask=True))
+    assert m.shape == (32, 32) and (m >= 128).sum() == 8 * 16
+    Image.new("L", (4, 4), 255).save(tmp_path / "tiny.png")  # resized to the image later
+    assert read_upload(tmp_path / "tiny.png", "the mask", mask=True).size == (4, 4)
+
+
+def test_a_killed_variation_swap_loses_nothing(tmp_path, store):
+    projects = ProjectStore(tmp_path)
+    project, gen, _ = _edited_project(projects, store)
+    import os
+
+    last_run = project.folder / "last_run"
+    os.replace(last_run, project.folder / ".last_run.old")  # killed between the swap's two renames
+    again = ProjectStore(tmp_path).open(project.id)
+    assert len(again.last_run_images()) == 2 and again.last_run()["count"] == 2
+
+
+def test_a_project_that_cannot_be_reopened_is_named_not_hidden(tmp_path, tiny_models):
+    from studio.session import LOAD_OUTPUTS
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create("kept")
+    (project.folder / "scene").mkdir(exist_ok=True)
+    (project.folder / "scene" / "scene.json").write_text("{ damaged")
+    fresh = Studio(tiny_models, tmp_path)  # a restart: nothing cached
+    view = dict(zip(LOAD_OUTPUTS, fresh.on_load(project.id)))
+    assert "could not be opened" in view["status"] and str(project.folder) in view["status"]
+    assert view["project_id"] != project.id and (project.folder / "project.json").is_file()
+
+
+def test_sketch_needs_strokes_for_only_sketched_and_a_failed_run_records_nothing(tmp_path, tiny_models):
+    import gradio as gr
+
+    from studio.session import SETTINGS
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    settings = dict(steps="3", sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
+                    mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
+                    model="default")
+    background = np.full((16, 16, 4), 255, np.uint8)
+    layer = np.zeros((16, 16, 4), np.uint8)
+    layer[4:9, 4:9] = (255, 0, 0, 255)
+
+    def sketch(canvas, only_sketched, **changes):
+        values = [{**settings, **changes}[k] for k in SETTINGS]
+        return list(studio.sdedit(project.id, canvas, "a red circle", "", 0.6, only_sketched, *values,
+                                  request=_Request("me"), progress=lambda *a, **k: None))
+
+    bare = {"background": background, "layers": [], "composite": None}
+    with pytest.raises(gr.Error, match="nothing is sketched"):
+        sketch(bare, True)
+    drawn = {"background": background, "layers": [layer], "composite": None}
+    with pytest.raises(gr.Error):
+        sketch(drawn, True, steps="ddim37")  # refused by the pipeline: the blank canvas is not kept
+    assert len(project.scene) == 0 and len(ProjectStore(tmp_path).open(project.id).scene) == 0
+    sketch(drawn, True)
+    assert [n.op for n in project.scene.nodes.values()] == ["import", "sdedit"]
+    node = project.scene.current
+    mask = np.asarray(project.scene.mask(node.id)) > 0
+    assert mask[0:13, 0:13].all() and mask.sum() == 13 * 13  # the 5 px strokes, grown by mask_blur (4 px)
+
+
+def test_finetune_start_checks_its_numbers_and_hands_the_trainer_absolute_paths(tmp_path, tiny_models,
+                                                                               monkeypatch):
+    import sys
+
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")  # the studio's folder; the trainer runs in the repository
+    tuner = FineTuner(tmp_path / "finetuned", tiny_models, trainer=[sys.executable, "-c", "pass"])
+    try:
+        for lr in (float("nan"), -1e-4, 0, None, "fast"):
+            with pytest.raises(FineTuneError, match="learning rate"):
+                tuner.start(data="data", name="bad-lr", lr=lr)
+        with pytest.raises(FineTuneError, match="samples every"):
+            tuner.start(data="data", name="bad-lr", sample_every=-1)
+        assert not (tuner.root / "bad-lr").exists()
+        tuner.start(data="data", name="rel")
+        tuner._proc.wait(30)
+        command = (tuner.root / "rel" / "studio.log").read_text()
+        assert f"--data {data.resolve()}" in command
+        # the stub wrote no run.json (like a trainer that failed at once): the name can be used again
+        tuner.start(data="data", name="rel")
+        tuner._proc.wait(30)
+        assert (tuner.root / "rel" / "studio.log").read_text().count("$ ") == 2
+        (tuner.root / "rel" / "run.json").write_text("{}")
+        with pytest.raises(FineTuneError, match="whole number"):
+            tuner.resume("rel", "many")
+    finally:
+        tuner.close()
+
+
+def test_the_browser_secret_is_written_whole_and_kept(tmp_path):
+    from studio.ui import _secret
+
+    first = _secret(tmp_path)
+    assert len(first) == 64 and _secret(tmp_path) == first  # kept across restarts
+    assert (tmp_path / ".studio_secret").stat().st_mode & 0o077 == 0  # its owner's only
+    (tmp_path / ".studio_secret").write_text("")  # what a kill mid-write left before
+    again = _secret(tmp_path)
+    assert len(again) == 64 and again != first

@@ -190,3 +190,18 @@ def test_load_errors_and_missing_files(store, tmp_path):
     (folder / "scene.json").write_text(json.dumps(data))
     with pytest.raises(SceneError, match="parent"):
         Scene.load(folder)
+
+
+def test_node_ids_that_name_paths_are_refused(store, tmp_path):
+    """A node's files are images/<id>.png: a scene.json (from an imported zip) whose id walks out
+    of the folder must not read a file there."""
+    secret = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8), "red").save(secret)
+    scene, _ = build_scene(store)
+    folder = scene.save(tmp_path / "scene")
+    data = json.loads((folder / "scene.json").read_text())
+    for bad in ("../../outside", "a/b", "..", "", "x" * 65):
+        data["nodes"][0]["id"] = bad
+        (folder / "scene.json").write_text(json.dumps(data))
+        with pytest.raises(SceneError, match="not a plain name"):
+            Scene.load(folder)

@@ -193,7 +193,10 @@ def test_no_file_outside_its_folders_is_served(app):
     assert url.startswith("http://127.0.0.1:")
     secret = root / "projects" / ".studio_secret"  # inside the projects folder, but blocked
     assert secret.is_file()
-    for path in ("/etc/passwd", str(Path(__file__).resolve()), "app.py", str(secret)):
+    dataset = root / "projects" / "datasets" / "mine" / "a.png"  # training images: the user's, never served
+    dataset.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16)).save(dataset)
+    for path in ("/etc/passwd", str(Path(__file__).resolve()), "app.py", str(secret), str(dataset)):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
         assert e.value.code in (403, 404)
