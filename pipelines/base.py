@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model, parse_device
 # the defaults live in .defaults (torch-free, for the studio); re-exported here for pipeline code
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,  # noqa: F401
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
@@ -121,10 +121,9 @@ class ModelStore:
 
     def __init__(self, path=None, device=None, dtype=None):
         self.path = Path(path) if path is not None else default_models_dir()
-        self.device = torch.device(device) if device is not None else None
+        self.device = parse_device(device) if device is not None else None
         self.dtype = _parse_dtype(dtype)
         self._files: dict[str, Path] = {}
-        self._unclassified: list[Path] = []
         self._models: dict[str, torch.nn.Module] = {}
         self._ids: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -154,9 +153,9 @@ class ModelStore:
             if p.suffix == ".safetensors":
                 self._add_folder(p.parent)
             else:
+                if p.name not in RELEASED_FILES:  # the file the user named wins over its siblings
+                    self._add_unusually_named(p)
                 self._add_released_dir(p.parent)
-                if p.name not in RELEASED_FILES:
-                    self._unclassified.append(p)
             return
         if (p / CONFIG_FILE).is_file():
             self._add_folder(p)
@@ -179,20 +178,13 @@ class ModelStore:
             if (folder / name).is_file() and role not in self._files:
                 self._files[role] = folder / name
 
-    def _classify_unclassified(self) -> None:
-        # a released file with an unusual name: its variant is only known once loaded
-        while self._unclassified:
-            path = self._unclassified.pop()
-            model = load_model(path, device=self.device, dtype=self.dtype)
-            role = _role_of_config(model.config.inpaint, model.config.super_res)
-            self._files.setdefault(role, path)
-            if self._files[role] == path:
-                self._models[role] = model
+    def _add_unusually_named(self, path: Path) -> None:
+        # a released file with an unusual name: its variant is only known once loaded, so load it now
+        model = load_model(path, device=self.device, dtype=self.dtype)
+        role = _role_of_config(model.config.inpaint, model.config.super_res)
+        self._files[role], self._models[role] = path, model
 
     def has(self, role: str) -> bool:
-        if role not in self._files and self._unclassified:
-            with self._lock:
-                self._classify_unclassified()
         return role in self._files
 
     def first_available(self, *roles: str) -> str | None:
@@ -257,7 +249,7 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     name = str(dtype).replace("torch.", "")
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
     value = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(value, torch.dtype):
+    if value not in (torch.float32, torch.float16, torch.bfloat16):
         raise PipelineInputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
     return value
 
@@ -270,6 +262,9 @@ def resolve_seed(seed: int | None, generator: torch.Generator | None) -> tuple[i
     """The seed this call replays from. A given generator's initial seed is used (a fresh CPU
     generator is made from it, so the recorded seed reproduces the call); no seed → os.urandom."""
     warnings = []
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise PipelineInputError(f"generator must be a torch.Generator, got {type(generator).__name__}; "
+                                 "or pass seed=<int>")
     if generator is not None:
         gen_seed = int(generator.initial_seed())
         fresh = torch.Generator(device=generator.device).manual_seed(gen_seed)
@@ -896,6 +891,10 @@ class MaskedEditPipeline(BasePipeline):
         k = start_index(p["strength"], len(kept))
         box = tuple(int(v) for v in crop.box)
         if k == 0:  # strength 0: nothing to do, the input comes back unchanged (no model call)
+            if p["strength"] > 0:
+                warnings.append(f"strength {p['strength']:g} runs round({p['strength']:g} x {len(kept)}) = 0 of the "
+                                f"{len(kept)} steps, so the image came back unchanged; a strength of "
+                                f"{0.5 / len(kept) + 1e-3:.3f} or more runs one step")
             timings["total_s"] = time.perf_counter() - t_start
             return PipelineOutput([Image.fromarray(image.copy()) for _ in range(B)], params,
                                   [0] * B if masked else None, warnings, timings, box, None)

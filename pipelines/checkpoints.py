@@ -52,6 +52,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device) -> torch.device:
+    """A device name as the user gave it → torch.device, or a ValueError saying what this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine (or this torch build) has no CUDA GPU; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA GPUs")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # Half precision on CUDA (the fast path); fp32 on CPU, where half is slow.
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -109,7 +125,10 @@ def _load_project_model(path: Path):
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    model = GlideUNet(config)
+    try:
+        model = GlideUNet(config)
+    except AssertionError as e:  # fields that are each valid but do not fit together (heads, channels)
+        raise CheckpointError(f"{config_path} describes a model that cannot be built: {e}") from e
     _load_state(model, state, weights)
     tokenizer = None
     if meta.get("tokenizer"):

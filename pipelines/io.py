@@ -115,8 +115,8 @@ def load_image(source, mode: str = "RGB") -> Image.Image:
     """
     if isinstance(source, Image.Image):
         image = source
-    elif isinstance(source, np.ndarray):
-        image = Image.fromarray(_to_uint8(source))
+    elif isinstance(source, np.ndarray) or _is_tensor(source):
+        image = Image.fromarray(_to_uint8(_as_hwc(source)))
     else:
         try:
             data = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else bytes(source)
@@ -125,6 +125,8 @@ def load_image(source, mode: str = "RGB") -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data))
             image.load()
+        except Image.DecompressionBombError as e:
+            raise ImageInputError(f"the image is far too large to decode safely ({e}); downscale it first") from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ImageInputError(
                 "the file is not a readable image (corrupt, truncated, or not PNG/JPEG/WebP); "
@@ -142,24 +144,45 @@ def load_mask_image(source) -> Image.Image:
     return Image.alpha_composite(black, rgba).convert("L")
 
 
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")  # without importing torch here
+
+
+def _as_hwc(a) -> np.ndarray:
+    """A numpy array or torch tensor as HxW or HxWxC: channels-first (CxHxW, or 1xCxHxW as diffusers
+    passes tensors) is transposed; anything else is named."""
+    a = a.detach().float().cpu().numpy() if _is_tensor(a) else np.asarray(a)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ImageInputError(f"an image array must be HxW, HxWx3 or HxWx4 (or channels first), got shape "
+                              f"{tuple(a.shape)}")
+    return a
+
+
 def _to_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.floating):
-        return (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+        if not np.isfinite(a).all():
+            raise ImageInputError("the image array holds NaN or infinite values")
+        # floats are 0..1 (diffusers' convention); a maximum above 2 can only mean 0..255
+        scale = 1.0 if a.max(initial=0.0) <= 2.0 else 255.0
+        return (np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8)
     if a.dtype == np.uint16 or a.max(initial=0) > 255:
         return (a.astype(np.float64) / 257).round().clip(0, 255).astype(np.uint8)
     return a.clip(0, 255).astype(np.uint8)
 
 
 def _convert_mode(image: Image.Image, mode: str) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNGs, float TIFFs
         image = Image.fromarray(_to_uint8(np.asarray(image)))
-    if image.mode == "F":  # float TIFFs: 0..1 (most tools) or 0..255 (PIL's own "L" -> "F")
-        a = np.asarray(image, np.float32)
-        image = Image.fromarray(_to_uint8(a if np.nanmax(a, initial=0.0) <= 1.0 else a / 255.0))
     if image.mode == "P":
         image = image.convert("RGBA")
     if mode == "RGB" and image.mode in ("RGBA", "LA", "PA"):

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .io import atomic_save_png, atomic_write_json, load_image
+from .io import atomic_save_png, atomic_write_json, load_image, load_mask_image
 
 FORMAT = "glide-studio-scene"
 VERSION = 1
@@ -281,7 +281,7 @@ class Scene:
                         working_box=list(result.working_box) if result.working_box else None,
                         has_mask=mask_image is not None, has_input=inp is not None,
                         _image=result.images[index].convert("RGB"),
-                        _mask=load_image(mask_image, "L") if mask_image is not None else None, _input=inp)
+                        _mask=load_mask_image(mask_image) if mask_image is not None else None, _input=inp)
             self.nodes[node.id] = node
             return self._move_to(node)
 

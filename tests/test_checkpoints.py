@@ -321,6 +321,19 @@ def test_released_variant_inferred(tmp_path, preset, file):
         assert torch.equal(loaded[k], state[k]), k
 
 
+def test_a_named_released_file_wins_over_its_siblings(tmp_path):
+    """`--models dir/my_base.pt` uses that file, even with the released base.pt beside it."""
+    from pipelines import ModelStore
+
+    torch.save(broadcast_state("base", seed=0), tmp_path / "base.pt")
+    mine = tmp_path / "my_finetuned_base.pt"
+    state = broadcast_state("base", seed=1)
+    torch.save(state, mine)
+    model = ModelStore(mine, device="cpu").get("base")
+    assert model.info.source == str(mine)
+    assert torch.equal(model.state_dict()["out.2.bias"], state["out.2.bias"])
+
+
 def test_released_nested_model_key_and_gpt2_files(tmp_path):
     """{"model": state} is accepted, and GPT-2 tokenizer files beside the weights (here .gz) are picked up."""
     path = tmp_path / "base_inpaint.pt"
@@ -384,3 +397,17 @@ def test_released_full_random_file(tmp_path):
     with torch.no_grad():
         out = model(**kw)
     assert out.shape == (1, 6, 64, 64) and torch.isfinite(out).all() and out.abs().max() > 0
+
+
+@pytest.mark.parametrize("change, message", [({"num_channels": "32"}, "num_channels must be int"),
+                                             ({"num_channels": 0}, "at least 1"),
+                                             ({"channel_mult": "a,b"}, "list of integers"),
+                                             ({"num_head_channels": 7}, "cannot be built")])
+def test_a_malformed_config_is_named(tmp_path, change, message):
+    folder = tmp_path / "model"
+    save_model(GlideUNet(tiny_config()), folder, noise_schedule="squaredcos_cap_v2")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"].update(change)
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder, device="cpu")

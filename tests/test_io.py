@@ -1,4 +1,4 @@
-"""pipelines/io.py: folder swaps that survive a kill, masks with transparency, float images.
+"""pipelines/io.py: folder swaps that survive a kill, masks with transparency, float images and arrays.
 
 What is pinned down: a folder swap interrupted between its two renames is undone by the next
 write or read (the previous version comes back, nothing is lost); a mask drawn as white strokes
@@ -72,3 +72,18 @@ def test_float_images_keep_their_range():
     for scale in (1.0, 255.0):  # 0..1 from most tools, 0..255 from PIL's own "F" conversion
         out = np.asarray(load_image(Image.fromarray(ramp * scale, "F"), "L"))
         assert out.min() == 0 and out.max() == 255, scale
+
+
+def test_arrays_and_tensors_in_any_common_layout_or_range():
+    import pytest
+    import torch
+
+    from pipelines.io import ImageInputError
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 9, 3)).astype(np.uint8)
+    for variant in (rgb.astype(np.float32) / 255, rgb.astype(np.float32),  # 0..1 and 0..255 floats
+                    rgb.transpose(2, 0, 1), torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float()[None] / 255):
+        assert np.array_equal(np.asarray(load_image(variant, "RGB")), rgb)
+    for bad, message in [(np.full((4, 4, 3), np.nan, np.float32), "NaN"), (np.zeros((8, 8, 2)), "shape")]:
+        with pytest.raises(ImageInputError, match=message):
+            load_image(bad)

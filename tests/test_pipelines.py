@@ -152,6 +152,9 @@ def test_used_generator_is_replayed_from_its_seed(t2i):
     out = t2i("a star", generator=g, upsample=False, num_inference_steps=2)
     assert out.params["seed"] == 11 and any("already been used" in w for w in out.warnings)
     assert np.array_equal(arr(out.images[0]), arr(t2i(**out.params).images[0]))
+    for wrong in (7, np.random.default_rng(0)):
+        with pytest.raises(PipelineInputError, match="torch.Generator"):
+            t2i("a star", generator=wrong, upsample=False, num_inference_steps=2)
 
 
 def test_long_prompt_is_truncated_with_a_warning(t2i):
@@ -289,6 +292,9 @@ def test_inpaint_strength_zero_and_one(inpaint):
     image, mask = noise_image(), box_mask()
     zero = inpaint("a blue star", image, mask, strength=0.0, seed=1)
     assert np.array_equal(arr(zero.images[0]), arr(image)) and zero.changed_outside_mask == [0]
+    assert not zero.warnings
+    tiny = inpaint("a blue star", image, mask, strength=0.02, seed=1, num_inference_steps=10)  # rounds to 0 steps
+    assert np.array_equal(arr(tiny.images[0]), arr(image)) and any("0 of the 10 steps" in w for w in tiny.warnings)
     # strength 1 ignores what was under the mask (mask_blur 0: no blend band with the original)
     other = np.array(image)
     other[100:150, 200:300] = 255 - other[100:150, 200:300]
@@ -467,6 +473,12 @@ def test_cli_generate_inpaint_and_clean_errors(tiny_models, tmp_path, capsys):
     assert main(["generate", "--prompt", "x", "--models", str(tmp_path / "none")]) == 2
     assert main(["generate", "--prompt", "x", "--sampler", "dpm++", "--steps", "fastest",
                  "--models", str(tiny_models)]) == 2
+    capsys.readouterr()
+    for option, message in [(["--device", "foo"], "unknown device"), (["--dtype", "int8"], "unknown dtype")] + \
+            ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA GPU")]):
+        assert main(["generate", "--prompt", "x", "--models", str(tiny_models), *option]) == 2, option
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
 
 
 def test_pipelines_and_cli_take_the_one_set_of_defaults():

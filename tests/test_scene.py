@@ -205,3 +205,19 @@ def test_node_ids_that_name_paths_are_refused(store, tmp_path):
         (folder / "scene.json").write_text(json.dumps(data))
         with pytest.raises(SceneError, match="not a plain name"):
             Scene.load(folder)
+
+
+def test_a_mask_with_transparency_is_recorded_as_the_pipeline_read_it(store, tmp_path):
+    """White strokes on a transparent layer whose hidden colour is white too: the pipeline keeps the
+    transparent pixels, and the scene must record that mask, or the replay would regenerate more."""
+    scene = Scene()
+    scene.import_image(Image.new("RGB", (32, 32), (90, 120, 200)))
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[8:16, 8:20, 3] = 255
+    node = scene.run(InpaintPipeline(store), prompt="a red circle", mask_image=Image.fromarray(rgba, "RGBA"),
+                     seed=1, **STEPS)
+    assert (np.asarray(scene.mask(node.id)) >= 128).sum() == 8 * 12
+    scene.save(tmp_path / "s")
+    report = Scene.load(tmp_path / "s").replay(store)
+    assert report.all_reproduced, report.errors

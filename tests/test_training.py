@@ -367,3 +367,66 @@ def test_unknown_caption_words_are_counted(tokenizer_file):
     tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
     assert unknown_word_fraction(tok, ["a red circle", "a blue star."]) == 0.0  # a full stop is not a word
     assert unknown_word_fraction(tok, ["a fluffy dog", "a red circle"]) == 2 / 6
+
+
+@pytest.mark.parametrize("option, value", [("grad_clip", -1.0), ("ema_decay", float("nan")), ("ema_decay", -3.0),
+                                           ("checkpoint_every", 0), ("sample_steps", 0), ("max_steps", -1),
+                                           ("max_minutes", -1.0), ("precision", "fp16"), ("lr", float("inf")),
+                                           ("lr", 0.0), ("masks", "box=nan")])
+def test_options_that_would_train_wrongly_in_silence_are_refused(tmp_path, tokenizer_file, option, value):
+    stage = "finetune-inpaint" if option == "masks" else "pretrain"
+    extra = {"init": str(tmp_path / "none")} if stage == "finetune-inpaint" else {}
+    with pytest.raises(ValueError, match=option.split("_")[0].replace("masks", "mask")):
+        run(stage, **{**TINY, "tokenizer": str(tokenizer_file), option: value, "out": str(tmp_path / "r"), **extra})
+    assert not (tmp_path / "r" / "checkpoint.json").exists()
+
+
+def test_a_diverged_run_stops_without_saving_over_its_checkpoint(tmp_path, tokenizer_file, monkeypatch):
+    """A NaN loss (here forced from step 4 on) stops the run with a message; the checkpoint and
+    export of step 2 stay as they were, and --resume continues from them."""
+    import pipelines.training.train as train_module
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "checkpoint_every": 2, "log_every": 1}
+    out = tmp_path / "run"
+    run("pretrain", **common, out=str(out), max_steps=2)
+    manifest, weights = (out / "checkpoint.json").read_bytes(), (out / "model" / "model.safetensors").read_bytes()
+    real = train_module.compute_losses
+    calls = []
+
+    def nan_from_the_second_call(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) >= 2 else losses
+
+    monkeypatch.setattr(train_module, "compute_losses", nan_from_the_second_call)
+    with pytest.raises(train_module.TrainingDiverged, match="diverged at step 4.*intact"):
+        run("pretrain", resume=True, out=str(out), max_steps=6, quiet=True)
+    assert (out / "checkpoint.json").read_bytes() == manifest
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    monkeypatch.setattr(train_module, "compute_losses", real)
+    assert run("pretrain", resume=True, out=str(out), max_steps=3, quiet=True).step == 3
+
+
+def test_overwrite_starts_a_clean_run(tmp_path, tokenizer_file):
+    common = {**TINY, "tokenizer": str(tokenizer_file), "log_every": 1}
+    out = tmp_path / "run"
+    run("pretrain", **{**common, "checkpoint_every": 1}, out=str(out), max_steps=3)
+    run("pretrain", **common, out=str(out), max_steps=1, overwrite=True)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1]  # the old run's steps are gone
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000001.pt"]
+
+
+def test_training_cli_names_bad_devices_configs_and_init_files(tmp_path, capsys):
+    from pipelines.training.__main__ import main
+
+    model_file = ROOT / "assets" / "models" / "base" / "model.safetensors"
+    cases = [(["pretrain", "--device", "foo"], "unknown device"),
+             (["pretrain", "--model-config", "[1]"], "JSON object"),
+             (["pretrain", "--model-config", '{"num_channels": 0}'], "at least 1"),
+             (["pretrain", "--model-config", '{"num_head_channels": 7}'], "cannot be built"),
+             (["finetune-inpaint", "--init", str(model_file)], "not a model folder")]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

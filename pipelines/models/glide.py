@@ -47,6 +47,27 @@ class GlideConfig:
     super_res: bool = False
     n_vocab: int = 50257  # GPT-2 BPE; the shapes models use their own small vocabulary
 
+    def __post_init__(self):
+        # A config comes from a user's file or option: name a wrong field here, not deep inside torch.
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = (isinstance(value, kind) and (kind is not int or not isinstance(value, bool))) or \
+                (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{f.name} must be {kind.__name__}, got {value!r}")
+        for name in ("image_size", "num_channels", "num_res_blocks", "text_ctx", "n_vocab", "xf_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        try:
+            mult, _ = self.channel_multipliers, self.attention_downsample_factors
+        except ValueError as e:
+            raise ValueError(f"channel_mult {self.channel_mult!r} or attention_resolutions "
+                             f"{self.attention_resolutions!r} is not a list of integers such as '1,2,3,4' ({e})") from None
+        if not mult or min(mult) < 1 or self.image_size % 2 ** (len(mult) - 1):
+            raise ValueError(f"channel_mult {mult} does not fit image_size {self.image_size} (each level halves it)")
+
     @classmethod
     def preset(cls, name: str) -> "GlideConfig":
         """The released GLIDE (filtered) models: base, upsample, base-inpaint, upsample-inpaint."""

@@ -120,8 +120,12 @@ class FolderSource:
             if caps is None:
                 txt = path.with_suffix(".txt")
                 if txt.is_file():
-                    caps = [line.strip() for line in txt.read_text(encoding="utf-8", errors="replace").splitlines()]
-                    caps = [c for c in caps if c]
+                    try:
+                        text = txt.read_text(encoding="utf-8", errors="replace")
+                    except OSError as e:  # unreadable (permissions): skip the image, as a corrupt one
+                        self.skipped.append((str(path), f"caption file {txt.name} is unreadable: {e}"))
+                        continue
+                    caps = [c for c in (line.strip() for line in text.splitlines()) if c]
                     if not caps:
                         self.skipped.append((str(path), f"caption file {txt.name} is empty"))
                         continue

@@ -100,7 +100,7 @@ def parse_weights(spec: str | dict | None) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown mask kinds {unknown}; choose from {list(KINDS)} (e.g. 'box=0.5,brush=0.5')")
     total = sum(weights.values())
-    if total <= 0 or any(v < 0 for v in weights.values()):
+    if not total > 0 or any(not 0 <= v < float("inf") for v in weights.values()):  # NaN fails both
         raise ValueError(f"mask weights must be non-negative with a positive sum, got {weights}")
     return {k: v / total for k, v in weights.items() if v > 0}
 

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import threading
@@ -49,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import default_collate
 
 from .. import shapes
-from ..checkpoints import CONFIG_FILE, load_model, save_model
+from ..checkpoints import CONFIG_FILE, load_model, parse_device, save_model
 from ..diffusion import classifier_free_guidance, make_schedule, respace, sample, training_losses
 from ..io import atomic_save_png, atomic_write_bytes, atomic_write_json
 from ..models.glide import GlideConfig, GlideUNet
@@ -188,6 +189,9 @@ def resolve_config(stage: str, options: dict) -> tuple[TrainConfig, dict | None]
             options["model"] = json.loads(options["model"]) if options["model"] else {}
         except json.JSONDecodeError as e:
             raise ValueError(f"--model-config is not valid JSON ({e}); e.g. '{{\"num_channels\": 64}}'") from e
+    if not isinstance(options.get("model", {}), dict):
+        raise ValueError(f"--model-config must be a JSON object such as '{{\"num_channels\": 64}}', "
+                         f"got {options['model']!r}")
     merged = {**STAGE_DEFAULTS[stage], **options}
     checkpoint = None
     if options.get("resume"):
@@ -201,16 +205,50 @@ def resolve_config(stage: str, options: dict) -> tuple[TrainConfig, dict | None]
                                  f"{saved[key]!r}; a resumed run must keep it (start a new run, or use --init)")
         merged = {**{k: v for k, v in saved.items() if k in known}, **options}
     cfg = TrainConfig(**merged)
+    check_numbers(cfg)
+    if stage == "finetune-inpaint":
+        parse_weights(cfg.masks)  # a bad mix is refused before a model loads
     if stage == "finetune-inpaint" and not cfg.init and checkpoint is None:
         raise ValueError("finetune-inpaint needs --init FOLDER: the trained base (or upsampler) model to widen")
-    for name in ("batch_size", "log_every"):
+    if cfg.init and checkpoint is None and not (Path(cfg.init) / CONFIG_FILE).is_file():
+        hint = f"; use its folder, {Path(cfg.init).parent}" if Path(cfg.init).is_file() else ""
+        raise ValueError(f"--init {cfg.init} is not a model folder ({CONFIG_FILE} + weights, e.g. runs/base/model)"
+                         f"{hint}")
+    return cfg, checkpoint
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Refuse option values that would train wrongly in silence (a negative clip flips every
+    gradient, a NaN EMA decay exports NaN weights, --checkpoint-every 0 saves nothing until the end)."""
+    def flag(name):
+        return f"--{name.replace('_', '-')}"
+
+    for name in ("batch_size", "log_every", "checkpoint_every", "samples", "sample_steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "max_minutes", "warmup", "export_every", "sample_every", "checkpoint_shard_mb"):
+        if not 0 <= getattr(cfg, name) < float("inf"):  # NaN fails too
+            raise ValueError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.lr <= 1.0:
+        raise ValueError(f"--lr must be a positive learning rate such as 1e-4, got {cfg.lr}")
+    if not 0.0 < cfg.grad_clip < float("inf"):
+        raise ValueError(f"--grad-clip must be a positive gradient norm (1.0 is usual), got {cfg.grad_clip}")
+    if not 0.0 <= cfg.guidance <= 100.0:
+        raise ValueError(f"--guidance must be in [0, 100] (3 is usual), got {cfg.guidance}")
+    if not 0.0 <= cfg.weight_decay < 1.0:
+        raise ValueError(f"--weight-decay must be in [0, 1), got {cfg.weight_decay}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0.9999 is usual), got {cfg.ema_decay}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     if not 0.0 <= cfg.caption_drop <= 1.0:
         raise ValueError(f"--caption-drop is a fraction in [0, 1], got {cfg.caption_drop}")
     if not 0.0 <= cfg.offset_noise <= 1.0:
         raise ValueError(f"--offset-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.offset_noise}")
-    return cfg, checkpoint
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm became NaN or infinite; the run stops without saving."""
 
 
 @dataclass
@@ -233,9 +271,10 @@ def setup_distributed(device: str) -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    checked = parse_device(device)  # a clear message for a typo or a missing GPU
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(device=torch.device(device))
+        return Dist(device=checked)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
@@ -300,7 +339,10 @@ def build_model(stage: str, cfg: TrainConfig, tokenizer: PromptTokenizer, checkp
             raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
         fields = {**PRESETS[cfg.preset], **cfg.model, "n_vocab": tokenizer.vocab_size}
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = GlideUNet(GlideConfig.from_dict(fields))
+        try:
+            model = GlideUNet(GlideConfig.from_dict(fields))
+        except (AssertionError, ValueError) as e:  # e.g. channels that do not split into the heads
+            raise ValueError(f"--model-config: preset {cfg.preset!r} with {cfg.model} cannot be built: {e}") from e
         schedule = cfg.noise_schedule or PRESET_SCHEDULES.get(cfg.preset, "squaredcos_cap_v2")
     c = model.config
     if stage == "pretrain" and (c.super_res or c.inpaint):
@@ -567,6 +609,16 @@ class StopFlag:
 # The loop
 
 
+def clear_previous_run(out: Path) -> None:
+    """--overwrite: remove the old run's files (and only those), the manifest first, so a kill
+    before the new run's first checkpoint cannot --resume the old one or mix the two logs."""
+    (out / CHECKPOINT_MANIFEST).unlink(missing_ok=True)
+    for path in [*out.glob("ckpt-*.pt*"), out / LOG, *(out / "samples").glob("step-*.*")]:
+        path.unlink(missing_ok=True)
+    if (out / MODEL_DIR / "config.json").is_file():
+        shutil.rmtree(out / MODEL_DIR)
+
+
 def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         stop_event: threading.Event | None = None, **options) -> RunResult:
     """Train one stage; returns when it stops (max steps/minutes, signal, stop_event), saved and exported.
@@ -585,6 +637,8 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         if checkpoint is None and (out / CHECKPOINT_MANIFEST).exists() and not cfg.overwrite:
             raise FileExistsError(f"{out} already holds a checkpoint; pass --resume to continue it, "
                                   "--overwrite to start over, or choose another --out")
+        if checkpoint is None and cfg.overwrite:
+            clear_previous_run(out)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -740,12 +794,20 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         eta = (cfg.max_steps - step) * global_batch / max(images_per_s, 1e-9) if cfg.max_steps else None
         if cfg.max_minutes:
             eta = min(math.inf if eta is None else eta, max(0.0, 60 * cfg.max_minutes - elapsed))
+        diverged = None
         for (s, lr_s, _), (l, m, v, g) in zip(pending, values.tolist()):
             loss_ema = l if loss_ema is None else 0.98 * loss_ema + 0.02 * l
             emit({"step": s, "loss": l, "mse": m, "vb": v, "grad_norm": g, "lr": lr_s,
                   "images_seen": images_seen - (step - s) * global_batch, "images_per_s": round(images_per_s, 2),
                   "elapsed_s": round(elapsed, 2), "eta_s": None if eta is None else round(eta, 1)})
+            if diverged is None and not (math.isfinite(l) and math.isfinite(g)):
+                diverged = (s, l, g)
         pending.clear()
+        if diverged is not None:  # the weights are poisoned: never save them over a good checkpoint
+            raise TrainingDiverged(
+                f"training diverged at step {diverged[0]} (loss {diverged[1]}, gradient norm {diverged[2]}); "
+                f"nothing after step {last_saved} was saved, so the checkpoint in {out} is intact: --resume "
+                f"it with a lower --lr (now {cfg.lr:g})")
         if progress_line:
             total = f"/{cfg.max_steps}" if cfg.max_steps else ""
             say(f"step {step}{total} | loss {loss_ema:.4f} (last: mse {m:.4f} vb {v:.4f}) | "
