@@ -318,6 +318,9 @@ def encode_prompt(model, prompt: str, negative_prompt: str, num_images: int,
     ctx = model.config.text_ctx
     cond = tok([prompt] * num_images, ctx)
     warnings = []
+    if not prompt.strip() and not model.config.super_res:  # once per call: the upsampler stage stays quiet
+        warnings.append("the prompt is empty, so no text guided this picture (an unconditional sample); "
+                        "describe what you want to see")
     if cond.truncated[0]:
         n = len(tok.encode(prompt))
         warnings.append(f"the prompt is {n} tokens long; the {model.info.name} model reads {ctx}, "

@@ -80,7 +80,7 @@ def pack(names, **values) -> tuple:
 def check_image(image: Image.Image, what: str = "the image", min_side: int = MIN_SIDE) -> Image.Image:
     w, h = image.size
     if min(w, h) < min_side:
-        raise gr.Error(f"{what} is {w}x{h} pixels; the studio needs at least {MIN_SIDE}x{MIN_SIDE}")
+        raise gr.Error(f"{what} is {w}x{h} pixels; the studio needs at least {min_side}x{min_side}")
     if max(w, h) > MAX_SIDE:
         raise gr.Error(f"{what} is {w}x{h} pixels; the largest accepted side is {MAX_SIDE} px "
                        "(downscale it first: the models work at 64 and 256 px)")
@@ -484,7 +484,14 @@ class Studio:
         # "auto": each action's own default (DEFAULT_STEPS, or DEFAULT_STEPS_INPAINT for inpainting)
         s["steps"] = None if str(s["steps"] or "auto").strip() == "auto" else steps_from_text(s["steps"])
         s["num_images"] = int(s["num_images"])
-        s["guidance"] = float(s["guidance"])
+        # "auto": each action's own default (DEFAULT_GUIDANCE, or DEFAULT_GUIDANCE_INPAINT for inpainting)
+        if str(s["guidance"] or "auto").strip() == "auto":
+            s["guidance"] = None
+        else:
+            try:
+                s["guidance"] = float(s["guidance"])
+            except ValueError:
+                raise gr.Error(f"guidance scale must be a number or auto, got {s['guidance']!r}") from None
         s["mask_blur"] = float(s["mask_blur"])
         s["upsample_strength"] = float(s["upsample_strength"])
         if not 0 < s["upsample_strength"] <= 1:
@@ -574,11 +581,13 @@ class Studio:
 
     def _sampling_kwargs(self, op, prompt, negative, s) -> dict:
         """The settings-panel values every diffusion action (generate, inpaint, sdedit) passes on."""
-        steps = {} if s["steps"] is None else {"num_inference_steps": s["steps"]}
+        chosen = {} if s["steps"] is None else {"num_inference_steps": s["steps"]}
+        if s["guidance"] is not None:
+            chosen["guidance_scale"] = s["guidance"]
         return dict(prompt=prompt or "", negative_prompt=negative or "", num_images=s["num_images"],
-                    sampler=s["sampler"], guidance_scale=s["guidance"], seed=s["seed"],
+                    sampler=s["sampler"], seed=s["seed"],
                     upsample=self._upsample_flag(s["upsample"], op), upsample_strength=s["upsample_strength"],
-                    **steps)
+                    **chosen)
 
     def _ui_run(self, op, pid, s, kwargs, request, progress, mask=None, input_image=None, blank_canvas=None):
         """Run a pipeline with live previews, then record the result and send the new workspace.
@@ -597,7 +606,7 @@ class Studio:
         try:
             result = yield from self._execute(pipe, kwargs, request, progress)
         except Stopped as e:
-            yield pack(RUN_OUTPUTS, status=f"Stopped ({e}); nothing was changed.")
+            yield pack(RUN_OUTPUTS, status=f"Stopped ({e}); nothing was changed.", preview=None)  # no half-made image
             return
         with self.projects.lock(project.id):
             if parent is None and blank_canvas is not None:

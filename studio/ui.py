@@ -12,6 +12,8 @@ Gradio facts this relies on (see shared/reference/editing-uis.md):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import secrets
 import threading
@@ -26,7 +28,7 @@ from pipelines.io import atomic_write_bytes
 
 from .finetune import training_data_roots
 from .projects import _pl
-from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Studio
+from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Studio, pack
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)
 UI_ONLY = dict(api_visibility="undocumented")
@@ -40,6 +42,44 @@ CSS = """
 #actions button {min-width: 110px;}
 #status {min-height: 4em;}
 """
+
+
+def shows_errors(fn, names):
+    """Wrap a UI handler whose outputs are `names` (one of them "status"): a gr.Error becomes a toast
+    and the status line's text, and every other output keeps its value. Raised instead, Gradio paints
+    a bare "Error" badge over each output (the canvas and history look lost) and the toast's text is
+    gone after 10 s. The API endpoints are not wrapped: clients get the error."""
+    def failed(e: gr.Error) -> tuple:
+        gr.Warning(e.message)
+        return pack(names, status=f"⚠ {e.message}")
+
+    if inspect.isgeneratorfunction(fn):  # Gradio streams a generator's yields: the wrapper must be one
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as e:
+                yield failed(e)
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as e:
+            return failed(e)
+    return call
+
+
+def with_status(fn):
+    """A handler of the workspace outputs, made to fill WORKSPACE_STATUS (the status line kept)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (*fn(*args, **kwargs), gr.skip())
+    return shows_errors(call, WORKSPACE_STATUS)
+
+
+WORKSPACE_STATUS = WORKSPACE_OUTPUTS + ("status",)
 
 
 def _secret(projects_dir: Path) -> str:
@@ -135,7 +175,11 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             info=f"auto = {DEFAULT_STEPS} ({DEFAULT_STEPS_INPAINT} for inpainting); N = N evenly "
                                  "spaced steps; ddimN = N steps that skip the noisiest one")
                         s["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
-                        s["guidance"] = gr.Slider(1.0, 15.0, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance scale")
+                        s["guidance"] = gr.Dropdown(
+                            ["auto", "1", "2", "3", "4", "5", "7.5", "10"], value="auto", allow_custom_value=True,
+                            label="Guidance scale", elem_id="guidance",
+                            info=f"auto = {DEFAULT_GUIDANCE:g} ({DEFAULT_GUIDANCE_INPAINT:g} for inpainting, as "
+                                 "GLIDE's notebooks); 1 = no guidance")
                         s["num_images"] = gr.Slider(1, 8, value=1, step=1, label="Variations", elem_id="variations")
                     with gr.Row():
                         s["seed_mode"] = gr.Radio(["random", "fixed"], value="random", label="Seed")
@@ -257,37 +301,41 @@ def build_ui(studio: Studio) -> gr.Blocks:
         # the live preview stays visible
         run = dict(show_progress="full", show_progress_on=[c["status"]], **MODEL_QUEUE, **UI_ONLY)
         pid = c["project_id"]
-        generate_btn.click(studio.generate, [pid, prompt, negative, *settings], outs(RUN_OUTPUTS), **run)
-        inpaint_btn.click(studio.inpaint, [pid, c["mask_canvas"], prompt, negative, invert, *settings],
-                          outs(RUN_OUTPUTS), **run)
-        sdedit_btn.click(studio.sdedit, [pid, c["sketch_canvas"], prompt, negative, strength, only_sketched,
-                                         *settings], outs(RUN_OUTPUTS), **run)
-        upsample_btn.click(studio.upsample, [pid, prompt, negative, *settings], outs(RUN_OUTPUTS), **run)
-        prompt.submit(studio.generate, [pid, prompt, negative, *settings], outs(RUN_OUTPUTS), **run)
+        ran = outs(RUN_OUTPUTS)
+        generate = shows_errors(studio.generate, RUN_OUTPUTS)
+        generate_btn.click(generate, [pid, prompt, negative, *settings], ran, **run)
+        inpaint_btn.click(shows_errors(studio.inpaint, RUN_OUTPUTS),
+                          [pid, c["mask_canvas"], prompt, negative, invert, *settings], ran, **run)
+        sdedit_btn.click(shows_errors(studio.sdedit, RUN_OUTPUTS),
+                         [pid, c["sketch_canvas"], prompt, negative, strength, only_sketched, *settings], ran, **run)
+        upsample_btn.click(shows_errors(studio.upsample, RUN_OUTPUTS), [pid, prompt, negative, *settings], ran,
+                           **run)
+        prompt.submit(generate, [pid, prompt, negative, *settings], ran, **run)
         stop_btn.click(studio.stop, None, c["status"], queue=False, **UI_ONLY)
 
-        ws = outs(WORKSPACE_OUTPUTS)
-        c["undo"].click(studio.undo, pid, ws, **UI_ONLY)
-        c["redo"].click(studio.redo, pid, ws, **UI_ONLY)
-        c["history"].select(studio.jump, pid, ws, **UI_ONLY)
+        ws = outs(WORKSPACE_STATUS)
+        c["undo"].click(with_status(studio.undo), pid, ws, **UI_ONLY)
+        c["redo"].click(with_status(studio.redo), pid, ws, **UI_ONLY)
+        c["history"].select(with_status(studio.jump), pid, ws, **UI_ONLY)
         clear_mask.click(studio.reset_mask, pid, c["mask_canvas"], **UI_ONLY)
         clear_sketch.click(studio.reset_sketch, pid, c["sketch_canvas"], **UI_ONLY)
         c["results"].select(studio.select_variation, pid, [selected, c["compare"]], **UI_ONLY)
-        use_btn.click(studio.use_variation, [pid, selected], ws, **UI_ONLY)
-        open_image.upload(studio.import_image, [pid, open_image], ws, **UI_ONLY)
+        use_btn.click(with_status(studio.use_variation), [pid, selected], ws, **UI_ONLY)
+        open_image.upload(with_status(studio.import_image), [pid, open_image], ws, **UI_ONLY)
 
         load = outs(LOAD_OUTPUTS)
         project_panel.expand(studio.project_list, pid, c["projects"], **UI_ONLY)
-        open_btn.click(studio.open_project, c["projects"], load, **UI_ONLY)
+        open_btn.click(shows_errors(studio.open_project, LOAD_OUTPUTS), c["projects"], load, **UI_ONLY)
         new_btn.click(studio.new_project, None, load, **UI_ONLY)
         rename_btn.click(studio.rename_project, [pid, c["project_name"]], [c["projects"], c["project_name"]],
                          **UI_ONLY)
         delete_btn.click(lambda: gr.update(visible=True), None, confirm_btn, queue=False, **UI_ONLY)
-        confirm_btn.click(studio.delete_project, [c["projects"], pid], load, **UI_ONLY).then(
+        confirm_btn.click(shows_errors(studio.delete_project, LOAD_OUTPUTS), [c["projects"], pid], load,
+                          **UI_ONLY).then(
             lambda: gr.update(visible=False), None, confirm_btn, queue=False, **UI_ONLY)
         png_btn.click(studio.export_png, pid, download, **UI_ONLY)
         zip_btn.click(studio.export_zip, pid, download, **UI_ONLY)
-        import_zip.upload(studio.import_zip, import_zip, load, **UI_ONLY)
+        import_zip.upload(shows_errors(studio.import_zip, LOAD_OUTPUTS), import_zip, load, **UI_ONLY)
         replay_btn.click(studio.replay, [pid, s["model"]], [replay_md, replay_json], **MODEL_QUEUE, **UI_ONLY)
 
         ft_tab.select(lambda: gr.Timer(active=True), None, ft_timer, queue=False, **UI_ONLY)

@@ -157,6 +157,11 @@ def test_used_generator_is_replayed_from_its_seed(t2i):
             t2i("a star", generator=wrong, upsample=False, num_inference_steps=2)
 
 
+def test_an_empty_prompt_runs_with_one_warning(t2i):
+    out = t2i("", seed=1, num_inference_steps=2, upsample_steps=2)  # base and upsampler: one warning
+    assert sum("prompt is empty" in w for w in out.warnings) == 1
+
+
 def test_long_prompt_is_truncated_with_a_warning(t2i):
     out = t2i("a red circle on the left of a big blue square and a green star", seed=1, upsample=False,
               num_inference_steps=2)

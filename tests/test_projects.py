@@ -519,3 +519,61 @@ def test_the_browser_secret_is_written_whole_and_kept(tmp_path):
     (tmp_path / ".studio_secret").write_text("")  # what a kill mid-write left before
     again = _secret(tmp_path)
     assert len(again) == 64 and again != first
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a browser session
+def test_ui_errors_stay_on_the_status_line_and_leave_the_workspace(tmp_path, tiny_models):
+    """In the browser a raised gr.Error paints a bare "Error" over every output (the canvas and the
+    history look lost) and its toast fades; the UI's handlers instead keep every output and put the
+    message on the status line."""
+    import gradio as gr
+
+    from studio.session import RUN_OUTPUTS, SETTINGS
+    from studio.ui import WORKSPACE_STATUS, shows_errors, with_status
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    values = [dict(steps="3", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
+                   mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
+                   model="default")[k] for k in SETTINGS]
+    inpaint = shows_errors(studio.inpaint, RUN_OUTPUTS)
+    frames = list(inpaint(project.id, None, "a star", "", False, *values, request=_Request("me"),
+                          progress=lambda *a, **k: None))
+    last = dict(zip(RUN_OUTPUTS, frames[-1]))
+    assert last["status"].startswith("⚠ there is no image to inpaint")
+    assert all(v == gr.skip() for k, v in last.items() if k != "status")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    opened = dict(zip(WORKSPACE_STATUS, with_status(studio.import_image)(project.id, str(tmp_path / "bad.png"))))
+    assert "not a readable image" in opened["status"] and opened["history"] == gr.skip()
+    good = tmp_path / "ok.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    opened = dict(zip(WORKSPACE_STATUS, with_status(studio.import_image)(project.id, str(good))))
+    assert opened["status"] == gr.skip() and len(project.scene) == 1
+
+
+def test_guidance_auto_is_each_actions_own_default(tmp_path, tiny_models):
+    from pipelines.defaults import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT
+    from studio.session import SETTINGS
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    settings = dict(steps="3", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
+                    mask_blur=0, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4, model="default")
+
+    def values(**changes):
+        return [{**settings, **changes}[k] for k in SETTINGS]
+
+    run = dict(request=_Request("me"), progress=lambda *a, **k: None)
+    list(studio.generate(project.id, "a red circle", "", *values(), **run))
+    assert project.scene.current.params["guidance_scale"] == DEFAULT_GUIDANCE
+    layer = np.zeros((16, 16, 4), np.uint8)
+    layer[2:8, 2:8, 3] = 255
+    canvas = {"background": np.zeros((16, 16, 4), np.uint8), "layers": [layer], "composite": None}
+    list(studio.inpaint(project.id, canvas, "a star", "", False, *values(), **run))
+    assert project.scene.current.params["guidance_scale"] == DEFAULT_GUIDANCE_INPAINT
+    list(studio.inpaint(project.id, canvas, "a star", "", False, *values(guidance="7.5"), **run))
+    assert project.scene.current.params["guidance_scale"] == 7.5
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="number or auto"):
+        list(studio.generate(project.id, "a red circle", "", *values(guidance="strong"), **run))

@@ -80,6 +80,15 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             print(f"\nscreenshot: {shot}")
 
+            # a user error (Sketch → image with nothing sketched) stays on the status line, and the
+            # history keeps its images
+            page.click("#sdedit")
+            page.wait_for_function("() => document.querySelector('#status').innerText.includes('⚠')",
+                                   timeout=30000)
+            assert "sketch" in page.locator("#status").inner_text()
+            page.wait_for_timeout(500)
+            assert page.locator("#history img").count() == 2
+
             # a long run (8 variations, 100 steps, upsampled) shows live previews; Stop ends it
             page.get_by_role("button", name="Settings ▼").click()
             steps = page.locator("#steps input")  # a dropdown that takes typed values
