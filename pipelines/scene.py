@@ -412,6 +412,8 @@ class Scene:
         """Re-run every edit (or `nodes`) from its saved params and inputs; report per node whether
         the image reproduces bit-exactly here. `pipelines`: a ModelStore, a models path (None = the
         shipped models), or a dict {op or pipeline name: pipeline}. Import nodes count as reproduced."""
+        from .base import GenerationInterrupted  # torch: imported by the first replay, not by the scene
+
         pipes = _pipelines_for(pipelines)
         ids = list(nodes) if nodes is not None else list(self.nodes)
         report = ReplayReport()
@@ -442,6 +444,8 @@ class Scene:
                 if result.warnings:
                     report.warnings[node_id] = list(result.warnings)
             except Exception as e:  # a missing model, a changed pipeline: report it, keep going
+                if isinstance(e, GenerationInterrupted):  # the user stopped the replay: stop here
+                    raise
                 report.errors[node_id] = f"{type(e).__name__}: {e}"
                 report.append(ReplayResult(node_id, False, None))
         if progress is not None:

@@ -65,6 +65,18 @@ class Stopped(Exception):
     """The user pressed Stop: the pipeline raised GenerationInterrupted."""
 
 
+class _ReplayStop:
+    """What Stop interrupts during a replay: the pipeline running now, and the steps not started."""
+
+    def __init__(self, pipes):
+        self.pipes, self.requested = list(pipes), False
+
+    def interrupt(self) -> None:
+        self.requested = True
+        for pipe in self.pipes:
+            pipe.interrupt()
+
+
 def pipeline(op: str, store):
     return getattr(_pl(), OPS[op]).from_pretrained(store)
 
@@ -724,17 +736,32 @@ class Studio:
             raise gr.Error(str(e)) from None
         return self._load_view(project, f"Imported “{project.name}”. Click Replay to check it reproduces.")
 
-    def replay(self, pid, model=None, progress=gr.Progress()):
-        """Re-run every edit of the project from its recorded params; a table of which reproduced."""
+    def replay(self, pid, model=None, request: gr.Request = None, progress=gr.Progress()):
+        """Re-run every edit of the project from its recorded params; a table of which reproduced.
+        Stop ends it (an imported project may hold many long steps)."""
         project = self._project(pid)
         if not project.scene.nodes:
             raise gr.Error("the project is empty: nothing to replay")
         store = self.models.store(model)
+        pipes = {op: pipeline(op, store) for op in OPS}
+        stop = _ReplayStop(pipes.values())
 
         def on_node(i, n, node_id):
+            if stop.requested:  # pressed between two steps
+                raise Stopped(f"after {i} of {n} steps")
             progress((i, n), desc=f"replaying node {i + 1}/{n}" if i < n else "done", unit="nodes")
 
-        report = project.scene.replay(store, progress=on_node)
+        key = request.session_hash if request is not None else uuid.uuid4().hex
+        with self._active_lock:
+            self._active[key] = stop
+        try:
+            report = project.scene.replay(pipes, progress=on_node)
+        except (Stopped, _pl().GenerationInterrupted) as e:
+            return f"**Replay stopped** ({e}); nothing was changed.", {"project_id": project.id, "stopped": True}
+        finally:
+            with self._active_lock:
+                if self._active.get(key) is stop:
+                    del self._active[key]
         return self._replay_markdown(project, report), self._replay_json(project, report)
 
     @staticmethod

@@ -277,7 +277,7 @@ def test_settings_panel_steps_and_upsampler_strength_reach_the_pipelines(tmp_pat
     with pytest.raises(gr.Error, match="ddim37"):
         generate(steps="ddim37")
     assert "done" in generate(steps="4")["status"] and project.scene.current.params["num_inference_steps"] == 4
-    assert len(project.scene) == 2
+    assert len(project.scene) == 1
 
 
 STUB_TRAINER = r'''
@@ -577,3 +577,27 @@ def test_guidance_auto_is_each_actions_own_default(tmp_path, tiny_models):
 
     with pytest.raises(gr.Error, match="number or auto"):
         list(studio.generate(project.id, "a red circle", "", *values(guidance="strong"), **run))
+
+
+def test_stop_ends_a_replay(tmp_path, tiny_models, store):
+    """A replay (an imported project may hold many long steps) holds the model slot: Stop ends it
+    within a step and nothing is changed."""
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    gen = Text2ImagePipeline(store)("a red circle", seed=1, upsample=False, num_inference_steps=300, sampler="ddim")
+    project.scene.apply(gen, op="generate")
+    project.save()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=studio.replay(project.id, None, _Request("me"),
+                                                                            progress=lambda *a, **k: None)))
+    worker.start()
+    deadline = time.time() + 60
+    while "me" not in studio._active and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert studio.stop(_Request("me")) == "Stopping…"
+    worker.join(30)
+    assert not worker.is_alive()
+    markdown, info = result["out"]
+    assert "Replay stopped" in markdown and info["stopped"] and "me" not in studio._active
+    assert len(project.scene) == 1
