@@ -277,7 +277,7 @@ def test_settings_panel_steps_and_upsampler_strength_reach_the_pipelines(tmp_pat
     with pytest.raises(gr.Error, match="ddim37"):
         generate(steps="ddim37")
     assert "done" in generate(steps="4")["status"] and project.scene.current.params["num_inference_steps"] == 4
-    assert len(project.scene) == 1
+    assert len(project.scene) == 2
 
 
 STUB_TRAINER = r'''
