@@ -289,8 +289,9 @@ class Studio:
         image = scene.image(node_id)
         p = node.params
         parts = [f"**#{number} {node.op}**"]
-        if p.get("prompt"):
-            parts.append(f"“{p['prompt']}”")
+        if p.get("prompt"):  # a 2,000-word prompt would push the page thousands of pixels down
+            prompt = p["prompt"] if len(p["prompt"]) <= 300 else p["prompt"][:299] + "…"
+            parts.append(f"“{prompt}”")
         if "seed" in p:
             parts.append(f"seed {p['seed']}")
         if p.get("num_images", 1) > 1:

@@ -601,3 +601,19 @@ def test_stop_ends_a_replay(tmp_path, tiny_models, store):
     markdown, info = result["out"]
     assert "Replay stopped" in markdown and info["stopped"] and "me" not in studio._active
     assert len(project.scene) == 1
+
+
+def test_a_2000_word_prompt_is_shortened_in_the_step_info(tmp_path, tiny_models):
+    from studio.session import SETTINGS
+
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    values = [dict(steps="2", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
+                   mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
+                   model="default")[k] for k in SETTINGS]
+    prompt = "a red circle " * 700
+    list(studio.generate(project.id, prompt, "", *values, request=_Request("me"), progress=lambda *a, **k: None))
+    node = project.scene.current
+    assert node.params["prompt"] == prompt  # recorded whole: the replay needs it
+    info = studio._node_info(project, node.id)
+    assert len(info) < 1500 and "truncated" in info
