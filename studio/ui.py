@@ -71,11 +71,12 @@ def shows_errors(fn, names):
     return call
 
 
-def with_status(fn):
-    """A handler of the workspace outputs, made to fill WORKSPACE_STATUS (the status line kept)."""
+def with_status(fn, done: str):
+    """A handler of the workspace outputs, made to fill WORKSPACE_STATUS: the status line says `done`
+    (the last run's line would describe a step that may no longer be current)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        return (*fn(*args, **kwargs), gr.skip())
+        return (*fn(*args, **kwargs), done)
     return shows_errors(call, WORKSPACE_STATUS)
 
 
@@ -314,14 +315,17 @@ def build_ui(studio: Studio) -> gr.Blocks:
         stop_btn.click(studio.stop, None, c["status"], queue=False, **UI_ONLY)
 
         ws = outs(WORKSPACE_STATUS)
-        c["undo"].click(with_status(studio.undo), pid, ws, **UI_ONLY)
-        c["redo"].click(with_status(studio.redo), pid, ws, **UI_ONLY)
-        c["history"].select(with_status(studio.jump), pid, ws, **UI_ONLY)
+        c["undo"].click(with_status(studio.undo, "Undone: the previous step is current."), pid, ws, **UI_ONLY)
+        c["redo"].click(with_status(studio.redo, "Redone."), pid, ws, **UI_ONLY)
+        c["history"].select(with_status(studio.jump, "Step selected: the next edit branches from it."), pid, ws,
+                            **UI_ONLY)
         clear_mask.click(studio.reset_mask, pid, c["mask_canvas"], **UI_ONLY)
         clear_sketch.click(studio.reset_sketch, pid, c["sketch_canvas"], **UI_ONLY)
         c["results"].select(studio.select_variation, pid, [selected, c["compare"]], **UI_ONLY)
-        use_btn.click(with_status(studio.use_variation), [pid, selected], ws, **UI_ONLY)
-        open_image.upload(with_status(studio.import_image), [pid, open_image], ws, **UI_ONLY)
+        use_btn.click(with_status(studio.use_variation, "Variation in use: it is the current step."),
+                      [pid, selected], ws, **UI_ONLY)
+        open_image.upload(with_status(studio.import_image, "Image opened: a new starting point in the history."),
+                          [pid, open_image], ws, **UI_ONLY)
 
         load = outs(LOAD_OUTPUTS)
         project_panel.expand(studio.project_list, pid, c["projects"], **UI_ONLY)

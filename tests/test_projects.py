@@ -543,12 +543,13 @@ def test_ui_errors_stay_on_the_status_line_and_leave_the_workspace(tmp_path, tin
     assert last["status"].startswith("⚠ there is no image to inpaint")
     assert all(v == gr.skip() for k, v in last.items() if k != "status")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    opened = dict(zip(WORKSPACE_STATUS, with_status(studio.import_image)(project.id, str(tmp_path / "bad.png"))))
+    open_image = with_status(studio.import_image, "Image opened.")
+    opened = dict(zip(WORKSPACE_STATUS, open_image(project.id, str(tmp_path / "bad.png"))))
     assert "not a readable image" in opened["status"] and opened["history"] == gr.skip()
     good = tmp_path / "ok.png"
     Image.new("RGB", (32, 32), "red").save(good)
-    opened = dict(zip(WORKSPACE_STATUS, with_status(studio.import_image)(project.id, str(good))))
-    assert opened["status"] == gr.skip() and len(project.scene) == 1
+    opened = dict(zip(WORKSPACE_STATUS, open_image(project.id, str(good))))
+    assert opened["status"] == "Image opened." and len(project.scene) == 1
 
 
 def test_guidance_auto_is_each_actions_own_default(tmp_path, tiny_models):
