@@ -49,9 +49,10 @@ def shows_errors(fn, names):
     and the status line's text, and every other output keeps its value. Raised instead, Gradio paints
     a bare "Error" badge over each output (the canvas and history look lost) and the toast's text is
     gone after 10 s. The API endpoints are not wrapped: clients get the error."""
-    def failed(e: gr.Error) -> tuple:
+    def failed(e: gr.Error):
         gr.Warning(e.message)
-        return pack(names, status=f"⚠ {e.message}")
+        values = pack(names, status=f"⚠ {e.message}")
+        return values[0] if len(values) == 1 else values  # Gradio takes a lone output's value bare
 
     if inspect.isgeneratorfunction(fn):  # Gradio streams a generator's yields: the wrapper must be one
         @functools.wraps(fn)
@@ -346,10 +347,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
         studio_tab.select(lambda: gr.Timer(active=False), None, ft_timer, queue=False, **UI_ONLY)
         ft_timer.tick(studio.ft_poll, ft_run, [ft_plot, ft_samples, ft_state, ft_tail, s["model"]],
                       show_progress="hidden", **UI_ONLY)
-        ft_start.click(studio.ft_start, [ft_data, ft_name, ft_init, ft_steps, ft_batch, ft_lr, ft_every],
-                       [ft_run, ft_state], **UI_ONLY)
+        ft_start.click(shows_errors(studio.ft_start, ("run", "status")),  # ft_state is the tab's status line
+                       [ft_data, ft_name, ft_init, ft_steps, ft_batch, ft_lr, ft_every], [ft_run, ft_state], **UI_ONLY)
         ft_stop.click(studio.ft_stop, None, ft_state, **UI_ONLY)
-        ft_resume.click(studio.ft_resume, [ft_run, ft_steps], ft_state, **UI_ONLY)
+        ft_resume.click(shows_errors(studio.ft_resume, ("status",)), [ft_run, ft_steps], ft_state, **UI_ONLY)
 
     return demo
 

@@ -550,6 +550,8 @@ def test_ui_errors_stay_on_the_status_line_and_leave_the_workspace(tmp_path, tin
     Image.new("RGB", (32, 32), "red").save(good)
     opened = dict(zip(WORKSPACE_STATUS, open_image(project.id, str(good))))
     assert opened["status"] == "Image opened." and len(project.scene) == 1
+    # the Fine-tune tab: its status line is its one output (Gradio takes a lone value bare)
+    assert shows_errors(studio.ft_resume, ("status",))("nope", 5).startswith("⚠ run 'nope' has nothing to resume")
 
 
 def test_guidance_auto_is_each_actions_own_default(tmp_path, tiny_models):
