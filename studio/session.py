@@ -14,6 +14,7 @@ pipeline object is registered under the browser session so that Stop interrupts 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -654,29 +655,37 @@ class Studio:
             except BaseException as e:  # handed to the generator, which re-raises it
                 events.put(("error", e, None, None))
 
+        with self._stoppable(request, pipe):
+            worker = threading.Thread(target=work, name="studio-run", daemon=True)
+            worker.start()
+            try:
+                while True:
+                    kind, a, b, c = events.get()
+                    if kind == "done":
+                        return a
+                    if kind == "error":
+                        if isinstance(a, _pl().GenerationInterrupted):
+                            raise Stopped(str(a)) from None
+                        raise self._user_error(a)
+                    progress((a + 1, b), desc=f"step {a + 1}/{b}", unit="steps")
+                    if kind == "preview":
+                        yield pack(RUN_OUTPUTS, preview=c)
+            finally:
+                if worker.is_alive():  # the client went away mid-run: stop the model work too
+                    pipe.interrupt()
+                    worker.join()
+
+    @contextlib.contextmanager
+    def _stoppable(self, request, target):
+        """While inside, Stop from this browser session calls `target.interrupt()`."""
         key = request.session_hash if request is not None else uuid.uuid4().hex
         with self._active_lock:
-            self._active[key] = pipe
-        worker = threading.Thread(target=work, name="studio-run", daemon=True)
-        worker.start()
+            self._active[key] = target
         try:
-            while True:
-                kind, a, b, c = events.get()
-                if kind == "done":
-                    return a
-                if kind == "error":
-                    if isinstance(a, _pl().GenerationInterrupted):
-                        raise Stopped(str(a)) from None
-                    raise self._user_error(a)
-                progress((a + 1, b), desc=f"step {a + 1}/{b}", unit="steps")
-                if kind == "preview":
-                    yield pack(RUN_OUTPUTS, preview=c)
+            yield
         finally:
-            if worker.is_alive():  # the client went away mid-run: stop the model work too
-                pipe.interrupt()
-                worker.join()
             with self._active_lock:
-                if self._active.get(key) is pipe:
+                if self._active.get(key) is target:
                     del self._active[key]
 
     @staticmethod
@@ -752,17 +761,11 @@ class Studio:
                 raise Stopped(f"after {i} of {n} steps")
             progress((i, n), desc=f"replaying node {i + 1}/{n}" if i < n else "done", unit="nodes")
 
-        key = request.session_hash if request is not None else uuid.uuid4().hex
-        with self._active_lock:
-            self._active[key] = stop
         try:
-            report = project.scene.replay(pipes, progress=on_node)
+            with self._stoppable(request, stop):
+                report = project.scene.replay(pipes, progress=on_node)
         except (Stopped, _pl().GenerationInterrupted) as e:
             return f"**Replay stopped** ({e}); nothing was changed.", {"project_id": project.id, "stopped": True}
-        finally:
-            with self._active_lock:
-                if self._active.get(key) is stop:
-                    del self._active[key]
         return self._replay_markdown(project, report), self._replay_json(project, report)
 
     @staticmethod

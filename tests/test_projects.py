@@ -214,30 +214,42 @@ class _Request:
         self.session_hash = key
 
 
+def _settings(**changes) -> list:
+    """The Settings panel's values, in SETTINGS order: a fixed seed, 3 ddim steps, no upsampler."""
+    from studio.session import SETTINGS
+
+    values = dict(steps="3", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1, mask_blur=4,
+                  inpaint_mode="finetuned", upsample="off", upsample_strength=0.4, model="default")
+    return [{**values, **changes}[k] for k in SETTINGS]
+
+
+def _run_until_registered(studio, target, key="me") -> threading.Thread:
+    """Start `target` in a thread and return once its run is registered for Stop under `key`."""
+    worker = threading.Thread(target=target)
+    worker.start()
+    deadline = time.time() + 60
+    while key not in studio._active and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    return worker
+
+
 def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
     """Stop (outside the queue) interrupts the running pipeline of the same browser session within
     a step; another session's Stop does nothing; nothing is recorded in the project."""
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    settings = dict(steps=200, sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
-                    mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
-                    model="default")
-    from studio.session import RUN_OUTPUTS, SETTINGS
+    from studio.session import RUN_OUTPUTS
 
     frames = []
 
     def run():
-        gen = studio.generate(project.id, "a red circle", "", *[settings[k] for k in SETTINGS],
+        gen = studio.generate(project.id, "a red circle", "", *_settings(steps=200, guidance=3.0),
                               request=_Request("me"), progress=lambda *a, **k: None)
         for frame in gen:
             frames.append(dict(zip(RUN_OUTPUTS, frame)))
 
-    worker = threading.Thread(target=run)
-    worker.start()
-    deadline = time.time() + 60
-    while "me" not in studio._active and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
+    worker = _run_until_registered(studio, run)
     assert studio.stop(_Request("someone else")) == "Nothing of yours is running."
     t0 = time.perf_counter()
     assert studio.stop(_Request("me")) == "Stopping…"
@@ -254,16 +266,13 @@ def test_settings_panel_steps_and_upsampler_strength_reach_the_pipelines(tmp_pat
     import gradio as gr
 
     from pipelines.defaults import DEFAULT_STEPS
-    from studio.session import RUN_OUTPUTS, SETTINGS
+    from studio.session import RUN_OUTPUTS
 
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    settings = dict(steps="auto", sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
-                    mask_blur=4, inpaint_mode="finetuned", upsample="on", upsample_strength=0.25,
-                    model="default")
-
     def generate(**changes):
-        values = [{**settings, **changes}[k] for k in SETTINGS]
+        values = _settings(**{"steps": "auto", "guidance": 3.0, "upsample": "on", "upsample_strength": 0.25,
+                              **changes})
         frames = list(studio.generate(project.id, "a red circle", "", *values, request=_Request("me"),
                                       progress=lambda *a, **k: None))
         return dict(zip(RUN_OUTPUTS, frames[-1]))
@@ -450,19 +459,14 @@ def test_a_project_that_cannot_be_reopened_is_named_not_hidden(tmp_path, tiny_mo
 def test_sketch_needs_strokes_for_only_sketched_and_a_failed_run_records_nothing(tmp_path, tiny_models):
     import gradio as gr
 
-    from studio.session import SETTINGS
-
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    settings = dict(steps="3", sampler="ddim", guidance=3.0, seed_mode="fixed", seed=1, num_images=1,
-                    mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
-                    model="default")
     background = np.full((16, 16, 4), 255, np.uint8)
     layer = np.zeros((16, 16, 4), np.uint8)
     layer[4:9, 4:9] = (255, 0, 0, 255)
 
     def sketch(canvas, only_sketched, **changes):
-        values = [{**settings, **changes}[k] for k in SETTINGS]
+        values = _settings(**{"guidance": 3.0, **changes})
         return list(studio.sdedit(project.id, canvas, "a red circle", "", 0.6, only_sketched, *values,
                                   request=_Request("me"), progress=lambda *a, **k: None))
 
@@ -528,16 +532,13 @@ def test_ui_errors_stay_on_the_status_line_and_leave_the_workspace(tmp_path, tin
     message on the status line."""
     import gradio as gr
 
-    from studio.session import RUN_OUTPUTS, SETTINGS
+    from studio.session import RUN_OUTPUTS
     from studio.ui import WORKSPACE_STATUS, shows_errors, with_status
 
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    values = [dict(steps="3", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
-                   mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
-                   model="default")[k] for k in SETTINGS]
     inpaint = shows_errors(studio.inpaint, RUN_OUTPUTS)
-    frames = list(inpaint(project.id, None, "a star", "", False, *values, request=_Request("me"),
+    frames = list(inpaint(project.id, None, "a star", "", False, *_settings(), request=_Request("me"),
                           progress=lambda *a, **k: None))
     last = dict(zip(RUN_OUTPUTS, frames[-1]))
     assert last["status"].startswith("⚠ there is no image to inpaint")
@@ -556,15 +557,12 @@ def test_ui_errors_stay_on_the_status_line_and_leave_the_workspace(tmp_path, tin
 
 def test_guidance_auto_is_each_actions_own_default(tmp_path, tiny_models):
     from pipelines.defaults import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT
-    from studio.session import SETTINGS
 
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    settings = dict(steps="3", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
-                    mask_blur=0, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4, model="default")
 
     def values(**changes):
-        return [{**settings, **changes}[k] for k in SETTINGS]
+        return _settings(**{"mask_blur": 0, **changes})
 
     run = dict(request=_Request("me"), progress=lambda *a, **k: None)
     list(studio.generate(project.id, "a red circle", "", *values(), **run))
@@ -591,13 +589,8 @@ def test_stop_ends_a_replay(tmp_path, tiny_models, store):
     project.scene.apply(gen, op="generate")
     project.save()
     result = {}
-    worker = threading.Thread(target=lambda: result.update(out=studio.replay(project.id, None, _Request("me"),
-                                                                            progress=lambda *a, **k: None)))
-    worker.start()
-    deadline = time.time() + 60
-    while "me" not in studio._active and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
+    worker = _run_until_registered(studio, lambda: result.update(
+        out=studio.replay(project.id, None, _Request("me"), progress=lambda *a, **k: None)))
     assert studio.stop(_Request("me")) == "Stopping…"
     worker.join(30)
     assert not worker.is_alive()
@@ -607,15 +600,11 @@ def test_stop_ends_a_replay(tmp_path, tiny_models, store):
 
 
 def test_a_2000_word_prompt_is_shortened_in_the_step_info(tmp_path, tiny_models):
-    from studio.session import SETTINGS
-
     studio = Studio(tiny_models, tmp_path)
     project = studio.projects.create()
-    values = [dict(steps="2", sampler="ddim", guidance="auto", seed_mode="fixed", seed=1, num_images=1,
-                   mask_blur=4, inpaint_mode="finetuned", upsample="off", upsample_strength=0.4,
-                   model="default")[k] for k in SETTINGS]
     prompt = "a red circle " * 700
-    list(studio.generate(project.id, prompt, "", *values, request=_Request("me"), progress=lambda *a, **k: None))
+    list(studio.generate(project.id, prompt, "", *_settings(steps="2"), request=_Request("me"),
+                         progress=lambda *a, **k: None))
     node = project.scene.current
     assert node.params["prompt"] == prompt  # recorded whole: the replay needs it
     info = studio._node_info(project, node.id)

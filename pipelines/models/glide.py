@@ -64,7 +64,8 @@ class GlideConfig:
             mult, _ = self.channel_multipliers, self.attention_downsample_factors
         except ValueError as e:
             raise ValueError(f"channel_mult {self.channel_mult!r} or attention_resolutions "
-                             f"{self.attention_resolutions!r} is not a list of integers such as '1,2,3,4' ({e})") from None
+                             f"{self.attention_resolutions!r} is not a list of integers such as '1,2,3,4' "
+                             f"({e})") from None
         if not mult or min(mult) < 1 or self.image_size % 2 ** (len(mult) - 1):
             raise ValueError(f"channel_mult {mult} does not fit image_size {self.image_size} (each level halves it)")
 

@@ -859,7 +859,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             if step % cfg.log_every == 0:
                 flush(progress_line=True)
             t_extra = time.time()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if step % cfg.checkpoint_every == 0:  # at least 1 (check_numbers)
                 flush(progress_line=False)  # the checkpoint's loss EMA must include every step
                 save_all()
                 last_saved = step
