@@ -261,8 +261,8 @@ class Studio:
                         sketch_canvas={"background": blank, "layers": [], "composite": None},
                         compare=None, node_info="*Empty project: type a prompt and click **Generate**, "
                                                 "open an image, or sketch on the blank canvas.*",
-                        history=[], history_tree="", undo=gr.update(interactive=False),
-                        redo=gr.update(interactive=False))
+                        history=gr.Gallery(value=[], selected_index=None), history_tree="",
+                        undo=gr.update(interactive=False), redo=gr.update(interactive=False))
         current = self._image_path(project, node.id)
         canvas = {"background": current, "layers": [], "composite": None}
         before = None
@@ -272,6 +272,9 @@ class Studio:
             before = self._image_path(project, node.parent)
         history = [(self._image_path(project, n.id), self._caption(i, n, n.id == node.id))
                    for i, n in enumerate(scene.nodes.values(), 1)]
+        # why selected_index: else the gallery keeps highlighting the last clicked thumbnail after an
+        # undo, a redo or a new edit, while the current step is another one
+        history = gr.Gallery(value=history, selected_index=list(scene.nodes).index(node.id))
         return pack(WORKSPACE_OUTPUTS, project_id=project.id, mask_canvas=canvas, sketch_canvas=dict(canvas),
                     compare=(before, current) if before else None, node_info=self._node_info(project, node.id),
                     history=history, history_tree=self._tree(project),

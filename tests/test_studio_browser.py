@@ -28,6 +28,13 @@ pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(),
               pytest.mark.usefixtures("one_thread_per_module")]
 
 
+def selected_thumbnail_is(number: int) -> str:
+    """JS: the history gallery highlights exactly its `number`-th thumbnail (1-based)."""
+    return ("() => { const items = [...document.querySelectorAll('#history .thumbnail-item')];"
+            f"  return items.length >= {number} && items.filter(i => i.classList.contains('selected')).length === 1"
+            f"      && items[{number - 1}].classList.contains('selected'); }}")
+
+
 def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     from pipelines import Scene
@@ -75,6 +82,12 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
                                    timeout=30000)
             status = page.locator("#status").inner_text()
             assert "pixels changed outside the mask: 0" in status, status
+            # the history highlights the current step, after an edit and after an undo
+            page.wait_for_function(selected_thumbnail_is(2), timeout=30000)
+            page.click("#undo")
+            page.wait_for_function(selected_thumbnail_is(1), timeout=30000)
+            page.click("#redo")
+            page.wait_for_function(selected_thumbnail_is(2), timeout=30000)
             page.wait_for_timeout(1500)  # let the canvas, slider and gallery images load
             shot = shots / "studio_inpaint.png"
             page.screenshot(path=str(shot), full_page=True)
