@@ -830,9 +830,13 @@ class Studio:
 
     @staticmethod
     def _api_seed(seed) -> int | None:
-        if seed is None or seed == "" or int(seed) < 0:
+        if seed is None or seed == "":
+            return None
+        if not math.isfinite(float(seed)) or float(seed) != int(float(seed)):
+            raise gr.Error(f"seed must be a whole number (or -1 for a random one), got {seed}")
+        if int(float(seed)) < 0:
             return None  # the pipeline draws one and reports it in info["seed"]
-        return int(seed)
+        return int(float(seed))
 
     def api_generate(self, prompt, negative_prompt="", steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
                      guidance_scale=DEFAULT_GUIDANCE, seed=-1, num_images=1, upsample=True, model=DEFAULT_MODEL,

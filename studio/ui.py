@@ -370,7 +370,7 @@ def _api_components() -> dict:
         "sampler": gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="sampler"),
         "guidance_scale": gr.Number(DEFAULT_GUIDANCE, label="guidance_scale"),
         "guidance_inpaint": gr.Number(DEFAULT_GUIDANCE_INPAINT, label="guidance_scale"),
-        "seed": gr.Number(-1, precision=0, label="seed"),
+        "seed": gr.Number(-1, label="seed"),  # no precision: a NaN would fail in Gradio, unnamed
         "num_images": gr.Number(1, precision=0, label="num_images"),
         "upsample": gr.Checkbox(True, label="upsample"),
         "mode": gr.Dropdown(["finetuned", "replace"], value="finetuned", label="mode"),

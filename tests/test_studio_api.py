@@ -24,7 +24,10 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
+
+import studio.session  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -149,6 +152,11 @@ def test_bad_uploads_get_a_message_not_a_crash(client, files, tmp_path):
                        api_name="/inpaint")
     with pytest.raises(Exception, match="unknown model"):
         client.predict(prompt="x", model="../../etc", upsample=False, **FAST, api_name="/generate")
+    with pytest.raises(Exception, match="seed must be a whole number"):
+        client.predict(prompt="x", upsample=False, seed=2.5, **FAST, api_name="/generate")
+    for seed in (float("nan"), float("inf")):  # raw HTTP can send these; Gradio's message named no field
+        with pytest.raises(gr.Error, match="seed must be a whole number"):
+            studio.session.Studio._api_seed(seed)
     # still serving
     gallery, _ = client.predict(prompt="a red circle", upsample=False, seed=1, **FAST, api_name="/generate")
     assert len(images_of(gallery)) == 1
