@@ -15,6 +15,8 @@ pipeline object is registered under the browser session so that Stop interrupts 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -174,6 +176,22 @@ def mask_image_from(bool_mask: np.ndarray, size: tuple[int, int]) -> Image.Image
     return m if m.size == tuple(size) else m.resize(tuple(size), Image.NEAREST)
 
 
+def skipped_if_stopped_in_queue(run):
+    """A UI run handler that does nothing (says so on the status line) when its browser tab clicked Stop
+    after submitting it, while it waited in the queue (Studio.stop)."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def guarded(self, *args, **kwargs):
+        given = signature.bind(self, *args, **kwargs).arguments
+        if self._stopped_while_queued(given.get("request"), given.get("stop_count")):
+            yield pack(RUN_OUTPUTS, status="Stopped before it started (it was waiting in the queue); "
+                                           "nothing was changed.", preview=None)
+            return
+        yield from run(self, *args, **kwargs)
+    return guarded
+
+
 class Models:
     """The model list: the models dir (`default`) and every fine-tuned run's model set. Stores are
     created once and kept (strong references), so models load once and stay loaded."""
@@ -238,6 +256,7 @@ class Studio:
         self.models = Models(models_dir, self.finetuner, device)
         self.exports = self.projects.root / "_exports"
         self._active: dict[str, object] = {}  # session hash -> running pipeline (for Stop)
+        self._stop_counts: dict[str, int] = {}  # session hash -> its tab's Stop clicks (see stop)
         self._active_lock = threading.Lock()
 
     # ------------------------------------------------------------------ projects & workspace view
@@ -481,15 +500,25 @@ class Studio:
 
     # ------------------------------------------------------------------ runs (UI, with live previews)
 
-    def stop(self, request: gr.Request = None):
-        """Stop button (outside the queue): interrupt this browser session's running generation."""
+    def stop(self, stop_count=None, request: gr.Request = None):
+        """Stop button (outside the queue): interrupt this browser session's running generation. Runs
+        of the session still waiting in the queue are stopped too: each carries the tab's count of Stop
+        clicks when it was submitted (`stop_count`), and one that starts after a later Stop does nothing."""
         key = request.session_hash if request is not None else None
         with self._active_lock:
             pipe = self._active.get(key)
+            if stop_count is not None:
+                self._stop_counts[key] = int(stop_count)
         if pipe is None:
-            return "Nothing of yours is running."
+            return "Nothing of yours is running; a run of yours still waiting in the queue will not start."
         pipe.interrupt()
         return "Stopping…"
+
+    def _stopped_while_queued(self, request, stop_count) -> bool:
+        if stop_count is None or request is None:
+            return False
+        with self._active_lock:
+            return self._stop_counts.get(request.session_hash, 0) > int(stop_count)
 
     @staticmethod
     def _settings(*values) -> dict:
@@ -525,16 +554,18 @@ class Studio:
 
     # Run handlers take the settings panel's values as named parameters, in SETTINGS order (Gradio
     # injects gr.Request / gr.Progress only into positional parameters, so no *args here).
+    @skipped_if_stopped_in_queue
     def generate(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
-                 inpaint_mode, upsample, upsample_strength, model,
+                 inpaint_mode, upsample, upsample_strength, model, stop_count=None,
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, upsample_strength, model)
         kwargs = self._sampling_kwargs("generate", prompt, negative, s)
         yield from self._ui_run("generate", pid, s, kwargs, request, progress)
 
+    @skipped_if_stopped_in_queue
     def inpaint(self, pid, canvas, prompt, negative, invert, steps, sampler, guidance, seed_mode, seed,
-                num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model,
+                num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model, stop_count=None,
                 request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, upsample_strength, model)
@@ -549,8 +580,9 @@ class Studio:
                       mode=s["inpaint_mode"], mask_blur=s["mask_blur"])
         yield from self._ui_run("inpaint", pid, s, kwargs, request, progress, mask=mask)
 
+    @skipped_if_stopped_in_queue
     def sdedit(self, pid, canvas, prompt, negative, strength, only_sketched, steps, sampler, guidance, seed_mode,
-               seed, num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model,
+               seed, num_images, mask_blur, inpaint_mode, upsample, upsample_strength, model, stop_count=None,
                request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, upsample_strength, model)
@@ -580,8 +612,9 @@ class Studio:
         yield from self._ui_run("sdedit", pid, s, kwargs, request, progress, mask=mask, input_image=sketch,
                                 blank_canvas=blank)
 
+    @skipped_if_stopped_in_queue
     def upsample(self, pid, prompt, negative, steps, sampler, guidance, seed_mode, seed, num_images, mask_blur,
-                 inpaint_mode, upsample, upsample_strength, model,
+                 inpaint_mode, upsample, upsample_strength, model, stop_count=None,
                  request: gr.Request = None, progress=gr.Progress()):
         s = self._settings(steps, sampler, guidance, seed_mode, seed, num_images, mask_blur, inpaint_mode,
                            upsample, upsample_strength, model)

@@ -32,6 +32,11 @@ from .session import LOAD_OUTPUTS, RUN_OUTPUTS, SETTINGS, WORKSPACE_OUTPUTS, Stu
 
 MODEL_QUEUE = dict(concurrency_id="model", concurrency_limit=1)
 UI_ONLY = dict(api_visibility="undocumented")
+# Stop also reaches this tab's runs still waiting in the queue: the tab counts its Stop clicks, each run
+# carries the count at its submission as its last input, and the server skips a run that started after
+# a later Stop (Studio.stop). Counted in the page, so a click needs no round trip to be in order.
+COUNT_STOP_JS = "() => (window.studioStops = (window.studioStops || 0) + 1)"
+WITH_STOP_COUNT_JS = "(...values) => [...values.slice(0, -1), window.studioStops || 0]"
 MASK_COLOR = ("#ff2d95", 0.55)  # the mask is drawn semi-transparent over the image
 EXAMPLES = ["a red circle on a gray background", "a blue star at the top left and a yellow square in the center",
             "a green triangle", "a purple star on a beige background"]
@@ -154,6 +159,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             sdedit_btn = gr.Button("Sketch → image", variant="primary", elem_id="sdedit")
                             upsample_btn = gr.Button("Upsample", elem_id="upsample")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                            stop_count = gr.Number(0, visible=False)  # filled in the page (COUNT_STOP_JS)
                         c["status"] = gr.Markdown("", elem_id="status")
                         open_image = gr.UploadButton("Open an image…", file_types=["image"], size="sm")
 
@@ -301,19 +307,21 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         # the progress bar (and the queue position while waiting) shows over the status line, so
         # the live preview stays visible
-        run = dict(show_progress="full", show_progress_on=[c["status"]], **MODEL_QUEUE, **UI_ONLY)
+        run = dict(show_progress="full", show_progress_on=[c["status"]], js=WITH_STOP_COUNT_JS, **MODEL_QUEUE,
+                   **UI_ONLY)
         pid = c["project_id"]
         ran = outs(RUN_OUTPUTS)
         generate = shows_errors(studio.generate, RUN_OUTPUTS)
-        generate_btn.click(generate, [pid, prompt, negative, *settings], ran, **run)
+        generate_btn.click(generate, [pid, prompt, negative, *settings, stop_count], ran, **run)
         inpaint_btn.click(shows_errors(studio.inpaint, RUN_OUTPUTS),
-                          [pid, c["mask_canvas"], prompt, negative, invert, *settings], ran, **run)
+                          [pid, c["mask_canvas"], prompt, negative, invert, *settings, stop_count], ran, **run)
         sdedit_btn.click(shows_errors(studio.sdedit, RUN_OUTPUTS),
-                         [pid, c["sketch_canvas"], prompt, negative, strength, only_sketched, *settings], ran, **run)
-        upsample_btn.click(shows_errors(studio.upsample, RUN_OUTPUTS), [pid, prompt, negative, *settings], ran,
-                           **run)
-        prompt.submit(generate, [pid, prompt, negative, *settings], ran, **run)
-        stop_btn.click(studio.stop, None, c["status"], queue=False, **UI_ONLY)
+                         [pid, c["sketch_canvas"], prompt, negative, strength, only_sketched, *settings, stop_count],
+                         ran, **run)
+        upsample_btn.click(shows_errors(studio.upsample, RUN_OUTPUTS), [pid, prompt, negative, *settings, stop_count],
+                           ran, **run)
+        prompt.submit(generate, [pid, prompt, negative, *settings, stop_count], ran, **run)
+        stop_btn.click(studio.stop, stop_count, c["status"], js=COUNT_STOP_JS, queue=False, **UI_ONLY)
 
         ws = outs(WORKSPACE_STATUS)
         c["undo"].click(with_status(studio.undo, "Undone: the previous step is current."), pid, ws, **UI_ONLY)

@@ -250,13 +250,34 @@ def test_stop_interrupts_only_that_sessions_run(tmp_path, tiny_models):
             frames.append(dict(zip(RUN_OUTPUTS, frame)))
 
     worker = _run_until_registered(studio, run)
-    assert studio.stop(_Request("someone else")) == "Nothing of yours is running."
+    assert studio.stop(request=_Request("someone else")).startswith("Nothing of yours is running")
     t0 = time.perf_counter()
-    assert studio.stop(_Request("me")) == "Stopping…"
+    assert studio.stop(request=_Request("me")) == "Stopping…"
     worker.join(30)
     assert not worker.is_alive() and time.perf_counter() - t0 < 10
     assert "Stopped" in frames[-1]["status"]
     assert len(project.scene) == 0 and "me" not in studio._active
+
+
+def test_stop_also_reaches_that_sessions_runs_waiting_in_the_queue(tmp_path, tiny_models):
+    """A run carries its tab's Stop count from when it was submitted: after a later Stop from that tab it
+    does nothing when its turn comes; a run submitted after the Stop, or another tab's run, goes ahead."""
+    studio = Studio(tiny_models, tmp_path)
+    project = studio.projects.create()
+    from studio.session import RUN_OUTPUTS
+
+    def run(stop_count, session="me"):
+        frames = studio.generate(project.id, "a red circle", "", *_settings(steps=3, guidance=3.0), stop_count,
+                                 request=_Request(session), progress=lambda *a, **k: None)
+        return [dict(zip(RUN_OUTPUTS, f)) for f in frames][-1]["status"]
+
+    # nothing runs yet: both queued runs below were submitted before this Stop (count 0 -> 1)
+    assert "will not start" in studio.stop(1, request=_Request("me"))
+    assert "Stopped before it started" in run(0)
+    assert len(project.scene) == 0
+    assert "generate done" in run(0, session="another tab")
+    assert "generate done" in run(1)  # submitted after the Stop
+    assert len(project.scene) == 2
 
 
 def test_settings_panel_steps_and_upsampler_strength_reach_the_pipelines(tmp_path, tiny_models):
@@ -591,7 +612,7 @@ def test_stop_ends_a_replay(tmp_path, tiny_models, store):
     result = {}
     worker = _run_until_registered(studio, lambda: result.update(
         out=studio.replay(project.id, None, _Request("me"), progress=lambda *a, **k: None)))
-    assert studio.stop(_Request("me")) == "Stopping…"
+    assert studio.stop(request=_Request("me")) == "Stopping…"
     worker.join(30)
     assert not worker.is_alive()
     markdown, info = result["out"]

@@ -128,8 +128,13 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
                                    timeout=30000)
             # Stop at once: the run takes only seconds with the tiny models, and a screenshot first could
             # outlast it (the part-way upsampler made it about 6 s instead of 11 s)
+            page.click("#upsample")  # waits in the queue behind the running Generate
+            page.wait_for_timeout(300)
             page.click("#stop")
             page.wait_for_function("() => document.querySelector('#status').innerText.includes('Stopped')",
+                                   timeout=30000)
+            # the waiting Upsample was submitted before the Stop: it does nothing when its turn comes
+            page.wait_for_function("() => document.querySelector('#status').innerText.includes('before it started')",
                                    timeout=30000)
             page.screenshot(path=str(shots / "studio_stopped.png"), full_page=True)
             print(f"screenshot: {shots / 'studio_stopped.png'}")
