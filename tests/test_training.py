@@ -30,7 +30,7 @@ from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
-from pipelines.training.train import PRESETS, caption_gain, compute_losses, to_model_inputs, unknown_word_fraction
+from pipelines.training.train import PRESETS, caption_gain, compute_losses, draw_timesteps, to_model_inputs, unknown_word_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,
@@ -135,6 +135,25 @@ def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tok
     assert load_model(result.model_dir, device="cpu").info.training["offset_noise"] == 0.1
     with pytest.raises(ValueError, match="--offset-noise"):
         run("pretrain", **common, offset_noise=2.0, out=str(tmp_path / "bad"))
+
+
+def test_high_timestep_sampling_draws_more_high_noise_and_is_recorded(tmp_path, tokenizer_file):
+    """--timesteps high: p(t) proportional to t + 1 (mean about 2T/3, three times as many draws in the top
+    half as in the bottom); uniform stays torch.randint's draw, so existing runs resume unchanged."""
+    T = 1000
+    high = draw_timesteps(200_000, T, torch.Generator().manual_seed(0), "cpu", "high")
+    assert high.min() >= 0 and high.max() == T - 1
+    assert abs(high.float().mean().item() - 2 * T / 3) < 5
+    top, bottom = (high >= T // 2).sum().item(), (high < T // 2).sum().item()
+    assert 2.9 < top / bottom < 3.1  # integral of 2u over [1/2, 1] against [0, 1/2]: 3/4 against 1/4
+    uniform = draw_timesteps(1000, T, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(uniform, torch.randint(0, T, (1000,), generator=torch.Generator().manual_seed(0)))
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 1}
+    result = run("pretrain", **common, timesteps="high", out=str(tmp_path / "high"))
+    assert load_model(result.model_dir, device="cpu").info.training["timesteps"] == "high"
+    with pytest.raises(ValueError, match="--timesteps"):
+        run("pretrain", **common, timesteps="low", out=str(tmp_path / "bad"))
 
 
 def test_widening_for_inpainting_leaves_the_output_unchanged_to_the_last_bit():

@@ -38,6 +38,8 @@ OPTIONS = [
     ("--caption-drop", "caption_drop", "fraction of empty captions (classifier-free guidance)"),
     ("--offset-noise", "offset_noise", "scale of the per-image, per-channel noise offset (0 = plain noise; 0.1 "
                                        "lets backgrounds follow the caption when sampling starts below t = 999)"),
+    ("--timesteps", "timesteps", "training timesteps: uniform (GLIDE) | high (p(t) proportional to t + 1: more "
+                                 "draws at the noise levels where the caption decides layout and colour)"),
     ("--min-image-size", "min_image_size", "folder data: skip images with a smaller short side (0 = size/2)"),
     ("--masks", "masks", "finetune-inpaint mask mix, e.g. 'box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1'"),
     ("--upsampler", "upsampler", "finetune-inpaint: the --init model is an upsampler (6 -> 10 channels)"),
