@@ -30,7 +30,8 @@ from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
-from pipelines.training.train import PRESETS, caption_gain, compute_losses, draw_timesteps, to_model_inputs, unknown_word_fraction
+from pipelines.training.train import (PRESETS, caption_gain, compute_losses, draw_timesteps, to_model_inputs,
+                                      unknown_word_fraction)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,

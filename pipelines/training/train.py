@@ -5,7 +5,8 @@
                       with random masks, the masked image + mask as extra input (GLIDE §4.3)
     upsampler         the text-conditional 64 -> 256 upsampler on pairs made by downsampling
 
-Loss: Improved DDPM's L_hybrid = L_simple + L_vlb (pipelines.diffusion.training_losses), t uniform (or --timesteps high: p(t) proportional to t + 1).
+Loss: Improved DDPM's L_hybrid = L_simple + L_vlb (pipelines.diffusion.training_losses), t uniform
+(or --timesteps high: p(t) proportional to t + 1).
 
 A run folder (`--out`):
     run.json            the run's options            log.jsonl        one JSON record per step + events
