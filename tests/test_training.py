@@ -360,6 +360,9 @@ def test_finetune_inpaint_and_upsampler_stages_export_loadable_models(tmp_path, 
     # --init of an export from the same stage continues its data position and counters
     more = run("pretrain", **{**common, "max_steps": 3}, out=str(tmp_path / "more"), init=base.model_dir)
     assert more.step == 3 and more.images_seen == 12
+    # the warm start's whole record is kept, so a chain of runs on different machines stays traceable
+    chained = load_model(more.model_dir, device="cpu").info.training
+    assert chained["init"]["training"] == load_model(base.model_dir, device="cpu").info.training
 
 
 def test_cli_has_help_for_every_stage():

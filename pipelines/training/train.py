@@ -757,8 +757,9 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "timesteps": cfg.timesteps,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
-                "init": ({"path": str(cfg.init), **{k: init_record.get(k) for k in ("stage", "data", "steps")}}
-                         if cfg.init else None)}
+                # the warm start's whole record nests here, so a chain of runs keeps every leg's hardware and time
+                "init": ({"path": str(cfg.init), **{k: init_record.get(k) for k in ("stage", "data", "steps")},
+                          "training": init_record or None} if cfg.init else None)}
 
     def save_all() -> None:
         """Checkpoint + export (rank 0)."""
