@@ -1,6 +1,7 @@
 """Tests for pipelines.training: CPU, tiny configs, seconds each.
 
 Covers: loss goes down on a fixed batch; zero-initialised widening leaves the output unchanged;
+grafting a base's update onto its inpainting model;
 kill-and-resume equals an uninterrupted run bit for bit (in-process and with a real SIGTERM);
 position-indexed batches do not depend on the worker count; two DDP processes (gloo) end with
 identical weights; a folder with a corrupt image, a missing caption and a 1x1 image trains on the
@@ -24,12 +25,15 @@ import torch
 from PIL import Image
 
 from pipelines import load_model, shapes
+from pipelines.checkpoints import CheckpointError, save_model
 from pipelines.diffusion import make_schedule
 from pipelines.models.glide import GlideConfig, GlideUNet
 from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
+from pipelines.training.graft import graft_update, main as main_graft
+from pipelines.training.widen import FIRST_CONV
 from pipelines.training.train import (PRESETS, caption_gain, compute_losses, draw_timesteps, to_model_inputs,
                                       unknown_word_fraction)
 
@@ -191,6 +195,56 @@ def test_widening_an_upsampler_moves_the_low_res_columns():
         before = model(x, t, tokens, mask, low_res=low)
         after = wide(x, t, tokens, mask, low_res=low, inpaint_image=image, inpaint_mask=known)
     assert torch.equal(before, after)
+
+
+def test_graft_carries_the_base_update_to_its_inpainting_model(tmp_path, tokenizer_file):
+    """A freshly widened model grafted with the base's update equals the widened new base; a
+    fine-tuned one moves by exactly the base's update; mismatched models are refused by name."""
+    n_vocab = PromptTokenizer.from_tokenizer_json(tokenizer_file).vocab_size
+    old, new = tiny_model("tiny", n_vocab), tiny_model("tiny", n_vocab)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    tuned = widen_for_inpainting(old)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folders = {}
+    for label, model in (("old", old), ("new", new), ("fresh", widen_for_inpainting(old)), ("tuned", tuned),
+                         ("new-wide", widen_for_inpainting(new))):
+        folders[label] = tmp_path / label
+        save_model(model, folders[label], noise_schedule="squaredcos_cap_v2", tokenizer_file=tokenizer_file,
+                   training={"stage": label}, dtype=torch.float32)
+    grafted = graft_update(folders["fresh"], folders["old"], folders["new"], tmp_path / "g1", dtype=torch.float32)
+    want = load_model(folders["new-wide"], device="cpu", dtype=torch.float32).state_dict()
+    got = load_model(grafted, device="cpu", dtype=torch.float32).state_dict()
+    assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-6) for k in want)
+    assert got[FIRST_CONV][:, 3:].abs().max() == 0  # the inpainting inputs' columns stay zero
+
+    grafted = main_graft(["--target", str(folders["tuned"]), "--old-base", str(folders["old"]),
+                          "--new-base", str(folders["new"]), "--out", str(tmp_path / "g2")])
+    assert grafted == 0
+    got = load_model(tmp_path / "g2", device="cpu", dtype=torch.float32)
+    a, b, t = old.state_dict(), new.state_dict(), tuned.state_dict()
+    for k, v in got.state_dict().items():
+        delta = b[k] - a[k]
+        expect = t[k].clone()
+        if k == FIRST_CONV:
+            expect[:, :3] += delta
+        else:
+            expect += delta
+        assert torch.equal(v, expect.half().float()), k  # the CLI stores fp16, as shipped
+    record = got.info.training
+    assert record["stage"] == "graft" and record["target"]["training"] == {"stage": "tuned"}
+    assert record["old_base"]["training"] == {"stage": "old"} and record["new_base"]["training"] == {"stage": "new"}
+
+    with pytest.raises(CheckpointError, match="different configs"):
+        graft_update(folders["tuned"], folders["old"], folders["fresh"], tmp_path / "bad")
+    save_model(tiny_model("tiny-upsampler", n_vocab), tmp_path / "up", noise_schedule="squaredcos_cap_v2",
+               tokenizer_file=tokenizer_file)
+    with pytest.raises(CheckpointError, match="not the base's architecture"):
+        graft_update(tmp_path / "up", folders["old"], folders["new"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_masks_follow_glide_convention_and_are_deterministic():
