@@ -15,16 +15,15 @@ In a thread it also works: signal handlers are not installed (use `stop_event`),
 `workers=0` (forking a process with many threads is unsafe) and expect it to reseed torch's
 global RNG every step (dropout has no generator argument).
 
-After training the base further, `graft_update` (CLI: `python -m pipelines.training.graft`) adds
-its weight change to the inpainting model fine-tuned from it, instead of widening and fine-tuning
-again.
+After training the base further, `pipelines.training.graft.graft_update` (CLI: `python -m
+pipelines.training.graft`) adds its weight change to the inpainting model fine-tuned from it,
+instead of widening and fine-tuning again. (Not imported here, so that `-m` runs it cleanly.)
 """
 
 from .data import DataError, FolderSource, ShapesSource, TrainingDataset
-from .graft import graft_update
 from .masks import random_mask
 from .train import PRESETS, STAGES, RunResult, TrainConfig, load_checkpoint, run
 from .widen import widen_for_inpainting
 
 __all__ = ["DataError", "FolderSource", "PRESETS", "RunResult", "STAGES", "ShapesSource", "TrainConfig",
-           "TrainingDataset", "graft_update", "load_checkpoint", "random_mask", "run", "widen_for_inpainting"]
+           "TrainingDataset", "load_checkpoint", "random_mask", "run", "widen_for_inpainting"]

@@ -5,7 +5,7 @@ behind: it keeps the old base's text reading. Adding the base's weight change to
     grafted = target + (new_base - old_base)
 ("task arithmetic", Ilharco et al. 2023) works because both fine-tunes stay close to the weights
 they started from. On the shapes benchmark it carried the CPU-fine-tuned base's update over to
-the H100 base-inpaint (see the README's training section for the measurement).
+the H100 base-inpaint (measured in the README's "The shipped models and measured figures").
 
 The target may be a widened (inpainting) copy of the base: its first convolution's extra input
 columns get no update, the image (and low-res) columns get the base's, as `widen_for_inpainting`
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import TOKENIZER_FILE, CheckpointError, load_model, save_model
-from .widen import FIRST_CONV
+from .widen import widen_first_conv
 
 METHOD = "target + (new_base - old_base), the first conv's image columns only"
 
@@ -47,7 +47,8 @@ def graft_update(target, old_base, new_base, out, name: str | None = None, dtype
                               f"so the base's update cannot be added to it")
     if not (t.info.noise_schedule == old.info.noise_schedule == new.info.noise_schedule):
         raise CheckpointError("the three models use different noise schedules")
-    if len({_tokenizer_bytes(m) for m in (t, old, new)}) != 1:
+    tokenizers = [_tokenizer_bytes(m) for m in (t, old, new)]
+    if len(set(tokenizers)) != 1:
         raise CheckpointError("the three models have different tokenizers; token ids would not match")
     old_state, new_state = old.state_dict(), new.state_dict()
     with torch.no_grad():
@@ -55,17 +56,14 @@ def graft_update(target, old_base, new_base, out, name: str | None = None, dtype
             if not weight.is_floating_point():
                 continue
             delta = new_state[key] - old_state[key]
-            if weight.shape == delta.shape:
-                weight += delta
-            else:  # widened first conv: [x 3 | masked image 3 | mask 1 | low-res 3 (upsampler)]
-                weight[:, :3] += delta[:, :3]
-                if t.config.super_res:
-                    weight[:, 7:] += delta[:, 3:]
+            if weight.shape != delta.shape:  # widened first conv: the inpainting columns get no update
+                delta = widen_first_conv(delta, t.config)
+            weight += delta
     record = {"stage": "graft", "method": METHOD, "data": None, "steps": None,
               **{role: {"path": str(path), "training": m.info.training or None}
                  for role, path, m in (("target", target, t), ("old_base", old_base, old),
                                        ("new_base", new_base, new))}}
-    tokenizer = Path(t.info.source) / TOKENIZER_FILE if _tokenizer_bytes(t) is not None else None
+    tokenizer = Path(t.info.source) / TOKENIZER_FILE if tokenizers[0] is not None else None
     save_model(t, out, noise_schedule=t.info.noise_schedule, tokenizer_file=tokenizer, training=record,
                name=name or t.info.name, dtype=dtype)
     return Path(out)

@@ -17,6 +17,17 @@ from ..models.glide import GlideUNet
 FIRST_CONV = "input_blocks.0.0.weight"
 
 
+def widen_first_conv(weight: torch.Tensor, config) -> torch.Tensor:
+    """A plain model's first-conv weight (C, 3 [+3 low-res], k, k) laid out for the widened `config`,
+    with zero columns for the masked image and the mask."""
+    new = torch.zeros(weight.shape[0], config.in_channels, *weight.shape[2:], dtype=weight.dtype,
+                      device=weight.device)
+    new[:, :3] = weight[:, :3]  # the noisy image x keeps its columns
+    if config.super_res:
+        new[:, 7:] = weight[:, 3:]  # low-res columns move behind the 4 new ones (forward's order)
+    return new
+
+
 def widen_for_inpainting(model: GlideUNet) -> GlideUNet:
     """A new GlideUNet with `inpaint=True`: 3 -> 7 input channels (6 -> 10 for an upsampler)."""
     if model.config.inpaint:
@@ -26,12 +37,7 @@ def widen_for_inpainting(model: GlideUNet) -> GlideUNet:
         wide = GlideUNet(config)
     wide = wide.to_empty(device=model.device).to(model.dtype)
     state = model.state_dict()
-    old = state[FIRST_CONV]  # (C, 3 [+3 low-res], 3, 3)
-    new = torch.zeros(old.shape[0], config.in_channels, *old.shape[2:], dtype=old.dtype, device=old.device)
-    new[:, :3] = old[:, :3]  # the noisy image x keeps its columns
-    if config.super_res:
-        new[:, 7:] = old[:, 3:]  # low-res columns move behind the 4 new ones (forward's order)
-    state = dict(state, **{FIRST_CONV: new})
+    state[FIRST_CONV] = widen_first_conv(state[FIRST_CONV], config)
     wide.load_state_dict(state, strict=True)
     if hasattr(model, "info"):
         wide.info = model.info
