@@ -221,9 +221,9 @@ def test_graft_carries_the_base_update_to_its_inpainting_model(tmp_path, tokeniz
     assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-6) for k in want)
     assert got[FIRST_CONV][:, 3:].abs().max() == 0  # the inpainting inputs' columns stay zero
 
-    grafted = main_graft(["--target", str(folders["tuned"]), "--old-base", str(folders["old"]),
-                          "--new-base", str(folders["new"]), "--out", str(tmp_path / "g2")])
-    assert grafted == 0
+    exit_code = main_graft(["--target", str(folders["tuned"]), "--old-base", str(folders["old"]),
+                            "--new-base", str(folders["new"]), "--out", str(tmp_path / "g2")])
+    assert exit_code == 0
     got = load_model(tmp_path / "g2", device="cpu", dtype=torch.float32)
     a, b, t = old.state_dict(), new.state_dict(), tuned.state_dict()
     for k, v in got.state_dict().items():
