@@ -102,16 +102,16 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
             page.wait_for_timeout(500)
             assert page.locator("#history img").count() == 2
 
-            # a long run (8 variations, 100 steps, upsampled) shows live previews; Stop ends it
+            # a long run (8 variations, 400 steps, upsampled) shows live previews; Stop ends it
             page.get_by_role("button", name="Settings ▼").click()
             steps = page.locator("#steps input")  # a dropdown that takes typed values
             for _ in range(10):
-                steps.fill("100")
+                steps.fill("400")
                 steps.press("Enter")
                 page.wait_for_timeout(200)
-                if steps.input_value() == "100":
+                if steps.input_value() == "400":
                     break
-            sync_api.expect(steps).to_have_value("100")
+            sync_api.expect(steps).to_have_value("400")
             for slider, value in (("#variations", "8"),):
                 for _ in range(10):  # the accordion's content may still be settling: retry until it sticks
                     page.locator(f"{slider} input[type=number]").fill(value)
@@ -123,11 +123,12 @@ def test_draw_a_mask_and_inpaint_in_a_real_browser(tiny_models, tmp_path):
             page.click("#generate")
             page.wait_for_function("() => { const i = document.querySelector('#preview img');"
                                    "        return i && i.complete && i.naturalWidth > 0; }", timeout=60000)
-            # the progress bar, with the step count: the typed 100 base steps + 10 of the upsampler
-            page.wait_for_function("() => /step \\d+\\/110/.test(document.querySelector('#status').innerText)",
+            # the progress bar, with the step count: the typed 400 base steps + 10 of the upsampler
+            page.wait_for_function("() => /step \\d+\\/410/.test(document.querySelector('#status').innerText)",
                                    timeout=30000)
-            # Stop at once: the run takes only seconds with the tiny models, and a screenshot first could
-            # outlast it (the part-way upsampler made it about 6 s instead of 11 s)
+            # Stop at once, while Generate still runs: the waiting Upsample must be skipped, not stopped
+            # mid-run. 400 steps keep the tiny models busy 4 times as long as 100, which once timed out
+            # here in a CI rehearsal, likely because the Generate had ended before the Stop
             page.click("#upsample")  # waits in the queue behind the running Generate
             page.wait_for_timeout(300)
             page.click("#stop")
