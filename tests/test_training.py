@@ -34,8 +34,8 @@ from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
 from pipelines.training.graft import graft_update, main as main_graft
 from pipelines.training.widen import FIRST_CONV
-from pipelines.training.train import (PRESETS, caption_gain, compute_losses, draw_timesteps, to_model_inputs,
-                                      unknown_word_fraction)
+from pipelines.training.train import (PRESETS, TrainConfig, caption_gain, compute_losses, draw_timesteps, get_lr,
+                                      to_model_inputs, unknown_word_fraction)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="tiny", batch_size=4, lr=1e-3, warmup=2, log_every=2, sample_every=0, checkpoint_every=1000,
@@ -159,6 +159,31 @@ def test_high_timestep_sampling_draws_more_high_noise_and_is_recorded(tmp_path, 
     assert load_model(result.model_dir, device="cpu").info.training["timesteps"] == "high"
     with pytest.raises(ValueError, match="--timesteps"):
         run("pretrain", **common, timesteps="low", out=str(tmp_path / "bad"))
+
+
+def test_lr_decays_after_warm_up_to_the_end_of_a_continued_run_and_is_recorded(tmp_path, tokenizer_file):
+    """--lr-schedule cosine/linear: warm-up, then a decay from --lr to --lr-min that ends at --max-steps,
+    counted from where a warm start continues; the step log shows it and the export records it."""
+    common = {**TINY, "tokenizer": str(tokenizer_file), "log_every": 1}
+    first = run("pretrain", **common, max_steps=3, out=str(tmp_path / "first"))
+    assert load_model(first.model_dir, device="cpu").info.training["lr_schedule"] == "constant"
+    # the warm start continues at step 3, so --max-steps 11 leaves 8 steps: 2 of warm-up and 6 of decay
+    second = run("pretrain", **common, init=str(first.model_dir), max_steps=11, lr_schedule="cosine",
+                 lr_min=1e-5, out=str(tmp_path / "second"))
+    lrs = [r["lr"] for r in read_log(tmp_path / "second") if "loss" in r]
+    assert len(lrs) == 8 and lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # decreasing after the warm-up
+    assert lrs[5] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half-way down the cosine
+    record = load_model(second.model_dir, device="cpu").info.training
+    assert (record["lr_schedule"], record["lr_min"], record["lr_decay_steps"]) == ("cosine", 1e-5, 6)
+
+    cfg = TrainConfig(lr=1e-3, warmup=0, lr_schedule="linear", lr_min=0.0)
+    assert [get_lr(cfg, s, 4) for s in range(6)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0, 0.0])
+    with pytest.raises(ValueError, match="--lr-decay-steps"):  # no end to decay towards
+        run("pretrain", **common, lr_schedule="linear", max_minutes=1, out=str(tmp_path / "endless"))
+    with pytest.raises(ValueError, match="--lr-decay-steps"):  # --max-steps already behind the warm start
+        run("pretrain", **common, init=str(first.model_dir), max_steps=3, lr_schedule="linear",
+            out=str(tmp_path / "behind"))
 
 
 def test_widening_for_inpainting_leaves_the_output_unchanged_to_the_last_bit():
@@ -449,7 +474,8 @@ def test_unknown_caption_words_are_counted(tokenizer_file):
 @pytest.mark.parametrize("option, value", [("grad_clip", -1.0), ("ema_decay", float("nan")), ("ema_decay", -3.0),
                                            ("checkpoint_every", 0), ("sample_steps", 0), ("max_steps", -1),
                                            ("max_minutes", -1.0), ("precision", "fp16"), ("lr", float("inf")),
-                                           ("lr", 0.0), ("masks", "box=nan")])
+                                           ("lr", 0.0), ("masks", "box=nan"), ("lr_schedule", "step"),
+                                           ("lr_min", 1.0), ("lr_decay_steps", -5)])
 def test_options_that_would_train_wrongly_in_silence_are_refused(tmp_path, tokenizer_file, option, value):
     stage = "finetune-inpaint" if option == "masks" else "pretrain"
     extra = {"init": str(tmp_path / "none")} if stage == "finetune-inpaint" else {}

@@ -87,6 +87,7 @@ PRESETS: dict[str, dict] = {
 }
 # GLIDE: cosine schedule for the base model, linear for the upsampler
 TIMESTEP_SAMPLING = ("uniform", "high")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 PRESET_SCHEDULES = {"base": "squaredcos_cap_v2", "tiny": "squaredcos_cap_v2",
                     "upsampler": "linear", "tiny-upsampler": "linear"}
 UPSAMPLE_FACTOR = 4  # 64 -> 256, as GLIDE
@@ -127,7 +128,13 @@ class TrainConfig:
     # optimisation
     batch_size: int = 32  # per process; the global batch is batch_size * world size
     lr: float = 3e-4  # why 3e-4 (not GLIDE's 1e-4): small models from scratch tolerate and need more
-    warmup: int = 500  # linear warm-up steps, then constant
+    warmup: int = 500  # linear warm-up steps, then --lr-schedule
+    # After warm-up: "constant", or a "cosine" / "linear" decay from lr to lr_min over lr_decay_steps
+    # (0 = until --max-steps), then lr_min. Why: at a constant lr the batch-16 CPU rounds plateaued, and
+    # an 18-minute leg at a third of the lr moved every benchmark score (README, fifth round).
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_decay_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999  # capped by (1 + s) / (10 + s), so short runs still average sensibly
@@ -233,11 +240,16 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name in ("batch_size", "log_every", "checkpoint_every", "samples", "sample_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "max_minutes", "warmup", "export_every", "sample_every", "checkpoint_shard_mb"):
+    for name in ("max_steps", "max_minutes", "warmup", "export_every", "sample_every", "checkpoint_shard_mb",
+                 "lr_decay_steps"):
         if not 0 <= getattr(cfg, name) < float("inf"):  # NaN fails too
             raise ValueError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
     if not 0.0 < cfg.lr <= 1.0:
         raise ValueError(f"--lr must be a positive learning rate such as 1e-4, got {cfg.lr}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if not 0.0 <= cfg.lr_min <= cfg.lr:
+        raise ValueError(f"--lr-min must be in [0, --lr] = [0, {cfg.lr:g}], got {cfg.lr_min}")
     if not 0.0 < cfg.grad_clip < float("inf"):
         raise ValueError(f"--grad-clip must be a positive gradient norm (1.0 is usual), got {cfg.grad_clip}")
     if not 0.0 <= cfg.guidance <= 100.0:
@@ -364,11 +376,29 @@ def build_model(stage: str, cfg: TrainConfig, tokenizer: PromptTokenizer, checkp
     return model, schedule
 
 
-def get_lr(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over cfg.warmup steps, then constant (EMA does the averaging)."""
+def decay_steps(cfg: TrainConfig, opt_start: int) -> int:
+    """Length of the lr decay in this optimizer's steps: --lr-decay-steps, or what is left after warm-up
+    until --max-steps (an absolute step, so a continued run counts from its --init's step)."""
+    if cfg.lr_schedule == "constant":
+        return 0
+    n = cfg.lr_decay_steps or (cfg.max_steps - opt_start - cfg.warmup if cfg.max_steps else 0)
+    if n < 1:
+        raise ValueError(f"--lr-schedule {cfg.lr_schedule} needs to know where the decay ends: give "
+                         f"--lr-decay-steps N, or --max-steps beyond this run's start (step {opt_start}) "
+                         f"plus the {cfg.warmup} warm-up steps")
+    return n
+
+
+def get_lr(cfg: TrainConfig, step: int, n_decay: int = 0) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant or decaying to cfg.lr_min over n_decay steps.
+    step counts this optimizer's steps (a warm start begins at 0 whatever its global step)."""
     if cfg.warmup > 0 and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    done = min(1.0, (step - cfg.warmup) / n_decay)
+    left = 0.5 * (1.0 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * left
 
 
 @torch.no_grad()
@@ -705,6 +735,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         loss_ema, opt_start = checkpoint["loss_ema"], checkpoint["optimizer_start_step"]
         init_record = checkpoint["init_record"]
         restore_rng_states(checkpoint["rng"])
+    n_decay = decay_steps(cfg, opt_start)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if d.ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -754,6 +785,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "images_seen": images_seen, "data_position": data_position,
                 "wall_time_s": round(wall_before + time.time() - t_start, 1), "hardware": hardware,
                 "final_loss": loss_ema, "batch_size": global_batch, "lr": cfg.lr, "warmup": cfg.warmup,
+                "lr_schedule": cfg.lr_schedule, "lr_min": cfg.lr_min, "lr_decay_steps": n_decay,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "timesteps": cfg.timesteps,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
@@ -853,7 +885,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 break
 
             # one step
-            lr = get_lr(cfg, step - opt_start)
+            lr = get_lr(cfg, step - opt_start, n_decay)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs = to_model_inputs(next(batches), device, cfg.channels_last)
