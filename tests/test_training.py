@@ -33,6 +33,7 @@ from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, r
 from pipelines.training.__main__ import build_parser
 from pipelines.training.data import make_loader
 from pipelines.training.graft import graft_update, main as main_graft
+from pipelines.training.relabel import main as main_relabel
 from pipelines.training.widen import FIRST_CONV
 from pipelines.training.train import (PRESETS, TrainConfig, caption_gain, compute_losses, draw_timesteps, get_lr,
                                       to_model_inputs, unknown_word_fraction)
@@ -270,6 +271,29 @@ def test_graft_carries_the_base_update_to_its_inpainting_model(tmp_path, tokeniz
     with pytest.raises(CheckpointError, match="not the base's architecture"):
         graft_update(tmp_path / "up", folders["old"], folders["new"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_relabel_renames_a_shipped_models_run_paths_at_every_depth(tmp_path, tokenizer_file, capsys):
+    """After shipping, a record's "runs/..." init paths are relabelled everywhere they nest; weights stay;
+    a path found nowhere (a typo) writes nothing."""
+    chain = {"steps": 9, "init": {"path": "runs/prev/base", "training": {
+        "init": {"path": "runs/leg1/model", "training": {"init": {"path": "runs/prev/base", "training": None}}}}}}
+    folder = tmp_path / "base"
+    save_model(tiny_model("tiny"), folder, noise_schedule="squaredcos_cap_v2", tokenizer_file=tokenizer_file,
+               training=chain)
+    weights = (folder / "model.safetensors").read_bytes()
+    before = (folder / "config.json").read_text()
+    label = "assets/models/base (as shipped at abc1234)"
+    assert main_relabel([str(folder), "--path", f"runs/prev/base={label}", "--path", "runs/typo=x"]) == 2
+    assert "runs/typo" in capsys.readouterr().err and (folder / "config.json").read_text() == before
+    assert main_relabel([str(folder), "--path", f"runs/prev/base={label}"]) == 0
+    assert "2 places" in capsys.readouterr().out
+    record = load_model(folder, device="cpu").info.training
+    assert record["init"]["path"] == label and record["steps"] == 9
+    assert record["init"]["training"]["init"]["path"] == "runs/leg1/model"
+    assert record["init"]["training"]["init"]["training"]["init"]["path"] == label
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert main_relabel([str(folder), "--path", "no-equals-sign"]) == 2
 
 
 def test_masks_follow_glide_convention_and_are_deterministic():
