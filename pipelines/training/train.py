@@ -85,9 +85,9 @@ PRESETS: dict[str, dict] = {
                            attention_resolutions="16", num_head_channels=32, resblock_updown=False, xf_width=32,
                            xf_layers=1, xf_heads=2, text_ctx=48, super_res=True),
 }
-# GLIDE: cosine schedule for the base model, linear for the upsampler
 TIMESTEP_SAMPLING = ("uniform", "high")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# GLIDE: cosine schedule for the base model, linear for the upsampler
 PRESET_SCHEDULES = {"base": "squaredcos_cap_v2", "tiny": "squaredcos_cap_v2",
                     "upsampler": "linear", "tiny-upsampler": "linear"}
 UPSAMPLE_FACTOR = 4  # 64 -> 256, as GLIDE
