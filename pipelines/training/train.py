@@ -389,7 +389,7 @@ def decay_steps(cfg: TrainConfig, opt_start: int) -> int:
     return n
 
 
-def get_lr(cfg: TrainConfig, step: int, n_decay: int = 0) -> float:
+def get_lr(cfg: TrainConfig, step: int, n_decay: int) -> float:
     """Linear warm-up over cfg.warmup steps, then constant or decaying to cfg.lr_min over n_decay steps.
     step counts this optimizer's steps (a warm start begins at 0 whatever its global step)."""
     if cfg.warmup > 0 and step < cfg.warmup:
