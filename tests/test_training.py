@@ -294,6 +294,11 @@ def test_relabel_renames_a_shipped_models_run_paths_at_every_depth(tmp_path, tok
     assert record["init"]["training"]["init"]["training"]["init"]["path"] == label
     assert (folder / "model.safetensors").read_bytes() == weights
     assert main_relabel([str(folder), "--path", "no-equals-sign"]) == 2
+    capsys.readouterr()
+    (folder / "config.json").write_text("{ truncated")
+    assert main_relabel([str(folder), "--path", f"{label}=x"]) == 2
+    assert str(folder / "config.json") in capsys.readouterr().err
+    assert (folder / "config.json").read_text() == "{ truncated"
 
 
 def test_masks_follow_glide_convention_and_are_deterministic():

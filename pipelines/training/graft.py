@@ -30,9 +30,9 @@ from .widen import widen_first_conv
 METHOD = "target + (new_base - old_base), the first conv's image columns only"
 
 
-def _tokenizer_bytes(model) -> bytes | None:
+def _tokenizer_file(model) -> Path | None:
     path = Path(model.info.source) / TOKENIZER_FILE
-    return path.read_bytes() if model.info.tokenizer is not None and path.is_file() else None
+    return path if model.info.tokenizer is not None and path.is_file() else None
 
 
 def graft_update(target, old_base, new_base, out, name: str | None = None, dtype=torch.float16) -> Path:
@@ -47,8 +47,8 @@ def graft_update(target, old_base, new_base, out, name: str | None = None, dtype
                               f"so the base's update cannot be added to it")
     if not (t.info.noise_schedule == old.info.noise_schedule == new.info.noise_schedule):
         raise CheckpointError("the three models use different noise schedules")
-    tokenizers = [_tokenizer_bytes(m) for m in (t, old, new)]
-    if len(set(tokenizers)) != 1:
+    tokenizer_files = [_tokenizer_file(m) for m in (t, old, new)]
+    if len({f.read_bytes() if f else None for f in tokenizer_files}) != 1:
         raise CheckpointError("the three models have different tokenizers; token ids would not match")
     old_state, new_state = old.state_dict(), new.state_dict()
     with torch.no_grad():
@@ -63,8 +63,7 @@ def graft_update(target, old_base, new_base, out, name: str | None = None, dtype
               **{role: {"path": str(path), "training": m.info.training or None}
                  for role, path, m in (("target", target, t), ("old_base", old_base, old),
                                        ("new_base", new_base, new))}}
-    tokenizer = Path(t.info.source) / TOKENIZER_FILE if tokenizers[0] is not None else None
-    save_model(t, out, noise_schedule=t.info.noise_schedule, tokenizer_file=tokenizer, training=record,
+    save_model(t, out, noise_schedule=t.info.noise_schedule, tokenizer_file=tokenizer_files[0], training=record,
                name=name or t.info.name, dtype=dtype)
     return Path(out)
 

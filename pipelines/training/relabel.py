@@ -45,7 +45,10 @@ def relabel_paths(model_dirs: list[str | Path], renames: dict[str, str]) -> dict
         path = folder / CONFIG_FILE
         if not path.is_file():
             raise ValueError(f"no model at {folder}: {CONFIG_FILE} is missing")
-        meta = json.loads(path.read_text())
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); nothing was written") from e
         _relabel(meta.get("training"), renames, counts)
         configs[path] = meta
     missing = [old for old, n in counts.items() if n == 0]
