@@ -61,9 +61,9 @@ class InpaintPipeline(MaskedEditPipeline):
         Defaults (pipelines/defaults.py): 25 steps of ancestral "ddpm", guidance 5.0; the upsampler
         stage samples ancestrally too, from min(strength, upsample_strength), starting from
         the known pixels and, inside the mask, the enlarged base result.
-        guidance_min_t: guidance only at timesteps t >= this; None = 900 with mode="finetuned" from
+        guidance_min_t: guidance only at timesteps t >= this; None = 700 with mode="finetuned" from
           strength 1 (the model sees the known pixels, so later guidance only harms the seam), else 300
-          (with "replace"; and from strength < 1, whose run may start below t = 900).
+          (with "replace"; and from strength < 1, whose run may start below t = 700).
         strength: 1 = the masked region starts from pure noise; < 1 starts from q(x_t | image)
           at step round(strength * steps) (diffusers-like); 0 returns the image unchanged.
         mask_blur: width in px (full resolution) of the blend band inside the mask edge.

@@ -129,12 +129,12 @@ def test_guidance_interval_is_recorded_and_1000_means_unguided(request, name):
 
     default = run()
     # fine-tuned inpainting guides only while the object is placed; the others from t = 300
-    assert default.params["guidance_min_t"] == (900 if name == "inpaint" else 300)
+    assert default.params["guidance_min_t"] == (700 if name == "inpaint" else 300)
     if name == "inpaint":
-        assert DEFAULT_GUIDANCE_MIN_T_INPAINT == 900 and DEFAULT_GUIDANCE_MIN_T == 300
+        assert DEFAULT_GUIDANCE_MIN_T_INPAINT == 700 and DEFAULT_GUIDANCE_MIN_T == 300
         assert run(mode="replace").params["guidance_min_t"] == 300
-        assert run(strength=0.8).params["guidance_min_t"] == 300  # its run starts below t = 900: still guided
-        assert np.array_equal(arr(default.images[0]), arr(run(guidance_min_t=900).images[0]))
+        assert run(strength=0.8).params["guidance_min_t"] == 300  # its run may start below t = 700: still guided
+        assert np.array_equal(arr(default.images[0]), arr(run(guidance_min_t=700).images[0]))
     everywhere, never = run(guidance_min_t=0), run(guidance_min_t=1000)
     unguided = run(guidance_scale=1.0)
     assert np.array_equal(arr(never.images[0]), arr(unguided.images[0]))

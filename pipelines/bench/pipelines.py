@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         ("text-to-image 64 (ddim10, the faster choice)", lambda: t2i_64(num_inference_steps="ddim10")),
         ("text-to-image 64 -> 256 (default)", lambda: t2i(prompt="a red circle", seed=0)),
         ("inpaint 64, fine-tuned (default)", inpaint_64),
-        ("inpaint 64, fine-tuned, guidance at t >= 300", lambda: inpaint_64(guidance_min_t=300)),
+        ("inpaint 64, fine-tuned, guidance at t >= 900", lambda: inpaint_64(guidance_min_t=900)),
         ("inpaint 64, replace", lambda: inpaint_64(mode="replace")),
         ("sdedit 64, strength 0.6", lambda: sdedit(prompt="a green triangle", image=blob, strength=0.6, seed=0)),
         ("upsample 64 -> 256 (default)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
