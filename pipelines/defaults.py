@@ -37,9 +37,10 @@ DEFAULT_GUIDANCE_MIN_T = 300
 # pixels, so guidance is needed only while the object is placed; after that it pushes the surroundings off the
 # scene's colours and shows as a seam. The first models (object found in 10% of cases) were best from 900; the
 # models shipped since place objects well enough for longer guidance to pay. Shapes benchmark, 96 cases
-# (--tasks inpaint --inpaint-cases 96 --guidance-min-t T), the base-inpaint shipped in session 16: found
-# 52.1% from 900, 58.3% from 700 (seam median 0.031 both); the one before it: 44.8% against 55.2%. On 48 cases,
-# 300 / 500 / 700 all found 60.4%, with seam medians 0.047 / 0.067 / 0.067, so the guided steps stop at 700.
+# (--tasks inpaint --inpaint-cases 96 --guidance-min-t T), found from 900 against 700: 44.8 / 55.2% (the model
+# shipped before session 16), 52.1 / 58.3% (its 60-minute fine-tune), 65.6 / 72.9% (then a high-timestep leg,
+# shipped). On 48 cases, the 60-minute model from 300 / 500 / 700 found 60.4% each, with seam medians
+# 0.047 / 0.067 / 0.067, so the guided steps stop at 700.
 # mode="replace" keeps 300: its model sees no context. So does strength < 1, whose run may start lower.
 DEFAULT_GUIDANCE_MIN_T_INPAINT = 700
 DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
