@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model, parse_device
+from .checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model, parse_device, read_model_config
 # the defaults live in .defaults (torch-free, for the studio); re-exported here for pipeline code
 from .defaults import (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INPAINT, DEFAULT_SAMPLER, DEFAULT_STEPS,  # noqa: F401
                        DEFAULT_UPSAMPLE_SAMPLER, DEFAULT_UPSAMPLE_SAMPLER_INPAINT, DEFAULT_UPSAMPLE_STEPS,
@@ -167,10 +167,7 @@ class ModelStore:
         self._add_released_dir(p)
 
     def _add_folder(self, folder: Path) -> None:
-        try:
-            cfg = json.loads((folder / CONFIG_FILE).read_text()).get("config", {})
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{folder / CONFIG_FILE} is not a readable model config: {e}") from e
+        cfg = read_model_config(folder).get("config", {})
         self._files[_role_of_config(cfg.get("inpaint", False), cfg.get("super_res", False))] = folder
 
     def _add_released_dir(self, folder: Path) -> None:
@@ -216,7 +213,7 @@ class ModelStore:
             return self._models[role].config.image_size
         path = self._files[role]
         if path.is_dir():
-            cfg = json.loads((path / CONFIG_FILE).read_text())["config"]
+            cfg = read_model_config(path)["config"]
             return int(cfg.get("image_size", 64))
         return 256 if role.startswith("upsampler") else 64  # the released GLIDE files
 

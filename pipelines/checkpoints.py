@@ -100,6 +100,19 @@ def load_model(path, device=None, dtype=None) -> GlideUNet:
     return model
 
 
+def read_model_config(folder: Path) -> dict:
+    """The parsed config.json of a project model folder; CheckpointError naming the file if it cannot be read
+    or is not a JSON object."""
+    config_path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{config_path} is not a valid model config: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path} is not a valid model config: expected a JSON object")
+    return meta
+
+
 def _load_project_model(path: Path):
     folder = path if path.is_dir() else path.parent
     weights = folder / WEIGHTS_FILE if path.is_dir() else path
@@ -108,12 +121,7 @@ def _load_project_model(path: Path):
         if not needed.is_file():
             raise CheckpointError(f"{needed.name} is missing from {folder}; a model folder holds "
                                   f"{CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        meta = json.loads(config_path.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{config_path} is not a valid model config: {e}") from e
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{config_path} is not a valid model config: expected a JSON object")
+    meta = read_model_config(folder)
     # the architecture is checked first: another architecture's config has other fields
     if meta.get("architecture", "glide") != "glide":
         raise CheckpointError(f"{folder} holds a {meta['architecture']!r} model; this loader reads GLIDE models")

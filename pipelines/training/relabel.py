@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpoints import CONFIG_FILE
+from ..checkpoints import CONFIG_FILE, read_model_config
 from ..io import atomic_write_bytes
 
 
@@ -45,10 +45,7 @@ def relabel_paths(model_dirs: list[str | Path], renames: dict[str, str]) -> dict
         path = folder / CONFIG_FILE
         if not path.is_file():
             raise ValueError(f"no model at {folder}: {CONFIG_FILE} is missing")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); nothing was written") from e
+        meta = read_model_config(folder)
         _relabel(meta.get("training"), renames, counts)
         configs[path] = meta
     missing = [old for old, n in counts.items() if n == 0]

@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import default_collate
 
 from .. import shapes
-from ..checkpoints import CONFIG_FILE, load_model, parse_device, save_model
+from ..checkpoints import CONFIG_FILE, load_model, parse_device, read_model_config, save_model
 from ..diffusion import classifier_free_guidance, make_schedule, respace, sample, training_losses
 from ..io import atomic_save_png, atomic_write_bytes, atomic_write_json
 from ..models.glide import GlideConfig, GlideUNet
@@ -327,7 +327,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, d: Dist, checkpoint: dict | N
         if checkpoint is not None:
             data = checkpoint["tokenizer_json"].encode()
         elif init_folder is not None:
-            meta = json.loads((init_folder / CONFIG_FILE).read_text())
+            meta = read_model_config(init_folder)
             if not meta.get("tokenizer"):
                 raise ValueError(f"{init_folder} has no tokenizer.json; --init needs a project model folder")
             data = (init_folder / meta["tokenizer"]).read_bytes()
