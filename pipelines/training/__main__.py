@@ -54,7 +54,9 @@ OPTIONS = [
     ("--weight-decay", "weight_decay", "AdamW weight decay"),
     ("--grad-clip", "grad_clip", "gradient norm clip"),
     ("--ema-decay", "ema_decay", "EMA decay (capped by (1+s)/(10+s))"),
-    ("--max-steps", "max_steps", "stop at this many steps (0 = no limit)"),
+    ("--max-steps", "max_steps", "stop when the step count reaches this (0 = no limit); after --init of a model "
+                                 "trained with the same stage, data and seed, the count goes on from its recorded "
+                                 "step, so give that step plus the run's length"),
     ("--max-minutes", "max_minutes", "stop cleanly after this much wall time (0 = no limit)"),
     ("--checkpoint-every", "checkpoint_every", "checkpoint + export every N steps (and at the end)"),
     ("--checkpoint-shard-mb", "checkpoint_shard_mb", "split checkpoints into parts of at most this many MiB"),
