@@ -38,9 +38,10 @@ DEFAULT_GUIDANCE_MIN_T = 300
 # scene's colours and shows as a seam. The first models (object found in 10% of cases) were best from 900; the
 # models shipped since place objects well enough for longer guidance to pay. Shapes benchmark, 96 cases
 # (--tasks inpaint --inpaint-cases 96 --guidance-min-t T), found from 900 against 700: 44.8 / 55.2% (the model
-# shipped before session 16), 52.1 / 58.3% (its 60-minute fine-tune), 65.6 / 72.9% (then a high-timestep leg,
-# shipped). On 48 cases, the 60-minute model from 300 / 500 / 700 found 60.4% each, with seam medians
-# 0.047 / 0.067 / 0.067, so the guided steps stop at 700.
+# shipped before session 16), 52.1 / 58.3% (its 60-minute fine-tune), 65.6 / 72.9% (then a high-timestep leg),
+# 87.5 / 89.6% (the H100 fine-tune of session 17, shipped; from 500 also 89.6%). On 48 cases, the 60-minute
+# model from 300 / 500 / 700 found 60.4% each, with seam medians 0.047 / 0.067 / 0.067, so the guided steps
+# stop at 700.
 # mode="replace" keeps 300: its model sees no context. So does strength < 1, whose run may start lower.
 DEFAULT_GUIDANCE_MIN_T_INPAINT = 700
 DEFAULT_SDEDIT_STRENGTH = 0.6  # SDEdit starts at step round(0.6 * steps): keeps the sketch's layout and colours
