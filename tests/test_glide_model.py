@@ -157,6 +157,26 @@ def test_inpaint_inputs():
     assert torch.equal(out, out2)
 
 
+def test_attention_positions_start_silent_then_tell_pixels_apart():
+    """attention_pos_emb (not in the released GLIDE): off, the weights keep the released layout; on, its
+    projections start at zero, so the output is the plain model's until training moves them."""
+    from pipelines.models.glide import position_features
+    plain = perturb(tiny_model())
+    assert not any("pos_proj" in k for k in plain.state_dict())
+    grown = tiny_model(attention_pos_emb=True)
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(".pos_proj." in k for k in missing) and not unexpected
+    x, t, tokens, mask = inputs(plain.config)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, tokens, mask), grown(x, t, tokens, mask))
+        for name, p in grown.named_parameters():
+            if ".pos_proj." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        assert not torch.allclose(plain(x, t, tokens, mask), grown(x, t, tokens, mask))
+    features = position_features(8, 8)  # every pixel of the grid gets its own feature vector
+    assert features.shape == (32, 64) and torch.cdist(features.T, features.T).add(torch.eye(64)).min() > 0.1
+
+
 def test_super_res_inputs():
     model = perturb(tiny_model(super_res=True))
     assert model.input_blocks[0][0].weight.shape[1] == 6

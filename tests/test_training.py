@@ -114,14 +114,19 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer_file):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tokenizer_file):
+def noise_test_setup(tokenizer_file):
+    """A tiny model, a batch of 32 shapes scenes at 16 px, and a list that each forward appends its (x_t, t) to."""
     tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
     model = tiny_model("tiny", tok.vocab_size)
     dataset = TrainingDataset(ShapesSource(16), tok, 48, seed=0)
     inputs = to_model_inputs(torch.utils.data.default_collate([dataset[i] for i in range(32)]), torch.device("cpu"))
-    schedule, no_amp = make_schedule("squaredcos_cap_v2"), contextlib.nullcontext()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), args[1].clone())))
+    return model, inputs, make_schedule("squaredcos_cap_v2"), contextlib.nullcontext(), seen
+
+
+def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tokenizer_file):
+    model, inputs, schedule, no_amp, seen = noise_test_setup(tokenizer_file)
 
     def noise_means(offset):
         # the noise the model learns to predict, recovered from x_t, averaged per image and channel
@@ -141,6 +146,32 @@ def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tok
     assert load_model(result.model_dir, device="cpu").info.training["offset_noise"] == 0.1
     with pytest.raises(ValueError, match="--offset-noise"):
         run("pretrain", **common, offset_noise=2.0, out=str(tmp_path / "bad"))
+
+
+def test_layout_noise_adds_coarse_noise_and_is_recorded(tmp_path, tokenizer_file):
+    """--layout-noise: the noise the model learns to predict gets extra energy on coarse grids (block means
+    of 4x4 pixels vary far more than plain noise's), barely any at the pixel level; 0 is the plain objective."""
+    model, inputs, schedule, no_amp, seen = noise_test_setup(tokenizer_file)
+
+    def training_noise(**kw):
+        compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp, **kw)
+        x_t, t = seen.pop()
+        return schedule.eps_from_x0(x_t, t, inputs["x0"])
+
+    plain, layout = training_noise(), training_noise(layout_noise=0.3)
+    block_var = lambda noise: torch.nn.functional.avg_pool2d(noise, 4).var().item()  # noqa: E731
+    assert block_var(plain) < 0.08 and block_var(layout) > 2 * block_var(plain)  # plain: 1/16 for 16-pixel blocks
+    assert layout.var().item() < 1.5
+    with torch.no_grad():
+        a = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp)["loss"]
+        b = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp, layout_noise=0.0)["loss"]
+    assert torch.equal(a, b)
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 1}
+    result = run("pretrain", **common, layout_noise=0.1, out=str(tmp_path / "layout"))
+    assert load_model(result.model_dir, device="cpu").info.training["layout_noise"] == 0.1
+    with pytest.raises(ValueError, match="--layout-noise"):
+        run("pretrain", **common, layout_noise=-0.1, out=str(tmp_path / "bad"))
 
 
 def test_high_timestep_sampling_draws_more_high_noise_and_is_recorded(tmp_path, tokenizer_file):
@@ -185,6 +216,23 @@ def test_lr_decays_after_warm_up_to_the_end_of_a_continued_run_and_is_recorded(t
     with pytest.raises(ValueError, match="--lr-decay-steps"):  # --max-steps already behind the warm start
         run("pretrain", **common, init=str(first.model_dir), max_steps=3, lr_schedule="linear",
             out=str(tmp_path / "behind"))
+
+
+def test_a_warm_start_can_grow_attention_positions_and_refuses_other_shape_changes(tmp_path, tokenizer_file):
+    """--init with --model-config '{"attention_pos_emb": true}' fine-tunes a trained model with position
+    features added (they start at zero, so training starts from its output); any other config change
+    with --init is named, not silently ignored."""
+    common = {**TINY, "tokenizer": str(tokenizer_file)}
+    first = run("pretrain", **common, max_steps=2, out=str(tmp_path / "first"))
+    grown = run("pretrain", **common, init=str(first.model_dir), model={"attention_pos_emb": True},
+                max_steps=4, out=str(tmp_path / "grown"))
+    model = load_model(grown.model_dir, device="cpu")
+    assert model.config.attention_pos_emb
+    moved = [p.abs().max().item() for n, p in model.named_parameters() if ".pos_proj." in n]
+    assert moved and max(moved) > 0  # the new projections trained
+    with pytest.raises(ValueError, match="num_channels"):
+        run("pretrain", **common, init=str(first.model_dir), model={"num_channels": 64}, max_steps=4,
+            out=str(tmp_path / "wider"))
 
 
 def test_widening_for_inpainting_leaves_the_output_unchanged_to_the_last_bit():
@@ -492,6 +540,20 @@ def test_caption_gain_measures_how_much_the_text_is_used(shipped_models):
         if "encoder_kv" in name or "transformer_proj" in name:
             p.data.zero_()
     assert caption_gain(model, data, schedule, cpu, no_amp, n=32) == 0.0
+
+
+def test_caption_part_use_finds_which_words_the_model_reads(shipped_models):
+    """bench.caption_use --parts: a wrong colour raises the shipped base's error at t = 700 (it reads
+    colours); with the text cut off from the image no wrong word changes anything."""
+    from pipelines.bench.caption_use import CAPTION_PARTS, caption_part_use
+    model = load_model(shipped_models / "base", device="cpu", dtype=torch.float32)
+    (row,) = caption_part_use(model, items=8, timesteps=(700,))
+    assert row["color"] > 0.05 and set(CAPTION_PARTS) <= row.keys()
+    for name, p in model.named_parameters():
+        if "encoder_kv" in name or "transformer_proj" in name:
+            p.data.zero_()
+    (row,) = caption_part_use(model, items=8, timesteps=(700,))
+    assert all(row[part] == 0.0 for part in CAPTION_PARTS)
 
 
 def test_unknown_caption_words_are_counted(tokenizer_file):

@@ -46,6 +46,13 @@ class GlideConfig:
     inpaint: bool = False
     super_res: bool = False
     n_vocab: int = 50257  # GPT-2 BPE; the shapes models use their own small vocabulary
+    # Not in the released GLIDE (off for its weights): every attention block adds fixed 2-D sine/cosine
+    # features of each pixel's position, through a zero-initialised projection, to its normalised input.
+    # Why: convolutions are translation-equivariant, so a pixel's query cannot tell "top left" from
+    # "bottom right" and the text's position words go unused (measured on the shipped base: a dense
+    # caption with every object's cell wrong raised its error by 0.1%, a wrong colour by 15-35%).
+    # Zero-initialised, switching it on keeps a trained model's output, so it can be fine-tuned in.
+    attention_pos_emb: bool = False
 
     def __post_init__(self):
         # A config comes from a user's file or option: name a wrong field here, not deep inside torch.
@@ -263,14 +270,29 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Self-attention over pixels; the text tokens' keys/values are prepended to the pixels' (GLIDE §4.1)."""
+POSITION_FREQUENCIES = 8  # per axis: sin and cos of pi * 2^k * coordinate, k = 0..7 (4 * 8 = 32 features)
 
-    def __init__(self, channels, num_heads, num_head_channels, encoder_channels):
+
+def position_features(height: int, width: int, device=None) -> torch.Tensor:
+    """(4 * POSITION_FREQUENCIES, height * width) sine/cosine features of pixel centres in [0, 1]."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=device, dtype=torch.float32)
+    angles = torch.cat([y.reshape(1, -1) * freqs[:, None], x.reshape(1, -1) * freqs[:, None]])
+    return torch.cat([angles.sin(), angles.cos()])
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels; the text tokens' keys/values are prepended to the pixels' (GLIDE §4.1).
+    With `pos_emb`, the pixels' queries, keys and values also see where each pixel is (GlideConfig)."""
+
+    def __init__(self, channels, num_heads, num_head_channels, encoder_channels, pos_emb=False):
         super().__init__()
         self.heads = channels // num_head_channels if num_head_channels != -1 else num_heads
         assert channels % self.heads == 0, f"{channels} channels do not split into {self.heads} heads"
         self.norm = GroupNorm32(channels, swish=False)
+        self.pos_proj = zero_module(nn.Conv1d(4 * POSITION_FREQUENCIES, channels, 1)) if pos_emb else None
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -278,7 +300,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x, encoder_out):
         B, C, H, W = x.shape
         heads = self.heads
-        qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, T), per head [q|k|v]
+        h = self.norm(x).reshape(B, C, H * W)
+        if self.pos_proj is not None:
+            h = h + self.pos_proj(position_features(H, W, x.device).to(h.dtype))[None]
+        qkv = self.qkv(h)  # (B, 3C, T), per head [q|k|v]
         q, k, v = qkv.reshape(B, heads, 3 * C // heads, H * W).transpose(2, 3).chunk(3, dim=-1)  # (B, nh, T, hs)
         ekv = self.encoder_kv(encoder_out)  # (B, 2C, S), per head [k|v]
         ek, ev = ekv.reshape(B, heads, 2 * C // heads, -1).transpose(2, 3).chunk(2, dim=-1)  # (B, nh, S, hs)
@@ -323,7 +348,7 @@ class GlideUNet(nn.Module):
             return ResBlock(cin, emb_dim, c.dropout, cout, c.use_scale_shift_norm, **kw)
 
         def attn(channels, heads):
-            return AttentionBlock(channels, heads, c.num_head_channels, c.xf_width)
+            return AttentionBlock(channels, heads, c.num_head_channels, c.xf_width, c.attention_pos_emb)
 
         # text encoder
         self.token_embedding = nn.Embedding(c.n_vocab, c.xf_width)

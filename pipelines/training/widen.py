@@ -4,6 +4,9 @@ The first convolution takes [x (3) | masked image (3) | mask (1)] (+ [upsampled 
 upsampler), in the order `GlideUNet.forward` concatenates them. Every weight is copied; the new
 input columns are zero, so the widened model computes what the old one did whatever the
 inpainting inputs are (bit-for-bit on CPU for a base model, see tests/test_training.py).
+
+`add_attention_positions` grows a trained model the same way: its attention blocks get their
+zero-initialised position projections (GlideConfig.attention_pos_emb), so it computes what it did.
 """
 
 from __future__ import annotations
@@ -42,3 +45,17 @@ def widen_for_inpainting(model: GlideUNet) -> GlideUNet:
     if hasattr(model, "info"):
         wide.info = model.info
     return wide.train(model.training)
+
+
+def add_attention_positions(model: GlideUNet) -> GlideUNet:
+    """A new GlideUNet with `attention_pos_emb=True`: every weight copied, the position projections zero."""
+    if model.config.attention_pos_emb:
+        return model
+    config = dataclasses.replace(model.config, attention_pos_emb=True)
+    grown = GlideUNet(config).to(device=model.device, dtype=model.dtype)  # pos_proj starts at zero
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".pos_proj." in k for k in missing), (missing, unexpected)
+    if hasattr(model, "info"):
+        grown.info = model.info
+    return grown.train(model.training)
+
