@@ -17,13 +17,11 @@ a wrong one of its kind, the rest of the caption kept. A rise near 0 means those
 from __future__ import annotations
 
 import argparse
-
-import torch
-from torch.utils.data import default_collate
-
 import dataclasses
 
 import numpy as np
+import torch
+from torch.utils.data import default_collate
 
 from .. import shapes
 from ..base import ModelStore
@@ -43,18 +41,23 @@ def caption_use(model, items: int, captions: str, timesteps=TIMESTEPS, seed: int
     x0 = inputs["x0"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
     empty = tok.unconditional(items, ctx).to(model.device)
-    schedule = make_schedule(model.info.noise_schedule)
     conditions = {"own": (inputs["tokens"], inputs["mask"]),
                   "another": (inputs["tokens"].roll(1, 0), inputs["mask"].roll(1, 0)),
                   "empty": (empty.tokens, empty.mask)}
+    return [{"t": t, **mse, "gain_vs_another": 1 - mse["own"] / mse["another"],
+             "gain_vs_empty": 1 - mse["own"] / mse["empty"]}
+            for t, mse in zip(timesteps, _errors(model, x0, noise, conditions, timesteps))]
+
+
+def _errors(model, x0, noise, conditions: dict, timesteps) -> list[dict]:
+    """Per timestep, the noise-prediction mse of x0 noised with `noise` under each (tokens, mask) condition."""
+    schedule = make_schedule(model.info.noise_schedule)
     rows = []
     for t in timesteps:
-        tt = torch.full((items,), t, device=x0.device)
+        tt = torch.full((x0.shape[0],), t, device=x0.device)
         x_t = schedule.q_sample(x0, tt, noise)
-        mse = {name: ((model(x_t, tt, tokens, mask)[:, :3].float() - noise) ** 2).mean().item()
-               for name, (tokens, mask) in conditions.items()}
-        rows.append({"t": t, **mse, "gain_vs_another": 1 - mse["own"] / mse["another"],
-                     "gain_vs_empty": 1 - mse["own"] / mse["empty"]})
+        rows.append({name: ((model(x_t, tt, tokens, mask)[:, :3].float() - noise) ** 2).mean().item()
+                     for name, (tokens, mask) in conditions.items()})
     return rows
 
 
@@ -86,17 +89,12 @@ def caption_part_use(model, items: int, timesteps=TIMESTEPS, seed: int = 123) ->
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
     captions = {"own": [shapes.dense_caption(s.objects, s.background) for s in specs],
                 **{part: [_dense_with_wrong(s, part, rng) for s in specs] for part in CAPTION_PARTS}}
-    tokens = {name: model.info.tokenizer(caps, model.config.text_ctx).to(model.device)
-              for name, caps in captions.items()}
-    schedule = make_schedule(model.info.noise_schedule)
-    rows = []
-    for t in timesteps:
-        tt = torch.full((items,), t, device=x0.device)
-        x_t = schedule.q_sample(x0, tt, noise)
-        mse = {name: ((model(x_t, tt, b.tokens, b.mask)[:, :3].float() - noise) ** 2).mean().item()
-               for name, b in tokens.items()}
-        rows.append({"t": t, "own": mse["own"], **{part: mse[part] / mse["own"] - 1 for part in CAPTION_PARTS}})
-    return rows
+    conditions = {}
+    for name, caps in captions.items():
+        batch = model.info.tokenizer(caps, model.config.text_ctx).to(model.device)
+        conditions[name] = (batch.tokens, batch.mask)
+    return [{"t": t, "own": mse["own"], **{part: mse[part] / mse["own"] - 1 for part in CAPTION_PARTS}}
+            for t, mse in zip(timesteps, _errors(model, x0, noise, conditions, timesteps))]
 
 
 def main(argv=None) -> None:

@@ -11,6 +11,7 @@ channels (learned-range variance of Improved DDPM). No loss or sampling here.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -47,11 +48,12 @@ class GlideConfig:
     super_res: bool = False
     n_vocab: int = 50257  # GPT-2 BPE; the shapes models use their own small vocabulary
     # Not in the released GLIDE (off for its weights): every attention block adds fixed 2-D sine/cosine
-    # features of each pixel's position, through a zero-initialised projection, to its normalised input.
-    # Why: convolutions are translation-equivariant, so a pixel's query cannot tell "top left" from
-    # "bottom right" and the text's position words go unused (measured on the shipped base: a dense
-    # caption with every object's cell wrong raised its error by 0.1%, a wrong colour by 15-35%).
-    # Zero-initialised, switching it on keeps a trained model's output, so it can be fine-tuned in.
+    # features of each pixel's position, through a zero-initialised projection, to its normalised input,
+    # so a pixel's query can match the text's position words without inferring where it is from the
+    # convolutions' padding. Why tried: the base ignored those words (a dense caption with every object's
+    # cell wrong raised its error by under 1%, a wrong colour by up to 38%); a 22-minute CPU fine-tune with
+    # it did not change that (docs/models.md, session 18), so it is unproven. Zero-initialised, switching it
+    # on keeps a trained model's output, so it can be fine-tuned in.
     attention_pos_emb: bool = False
 
     def __post_init__(self):
@@ -273,14 +275,16 @@ class ResBlock(nn.Module):
 POSITION_FREQUENCIES = 8  # per axis: sin and cos of pi * 2^k * coordinate, k = 0..7 (4 * 8 = 32 features)
 
 
+@functools.lru_cache(maxsize=32)  # a few grid sizes per model; forward asks for them at every sampling step
 def position_features(height: int, width: int, device=None) -> torch.Tensor:
     """(4 * POSITION_FREQUENCIES, height * width) sine/cosine features of pixel centres in [0, 1]."""
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=device, dtype=torch.float32)
-    angles = torch.cat([y.reshape(1, -1) * freqs[:, None], x.reshape(1, -1) * freqs[:, None]])
-    return torch.cat([angles.sin(), angles.cos()])
+    with torch.inference_mode(False):  # cached: a first call while sampling must not make training's copy unusable
+        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        y, x = torch.meshgrid(ys, xs, indexing="ij")
+        freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=device, dtype=torch.float32)
+        angles = torch.cat([y.reshape(1, -1) * freqs[:, None], x.reshape(1, -1) * freqs[:, None]])
+        return torch.cat([angles.sin(), angles.cos()])
 
 
 class AttentionBlock(nn.Module):

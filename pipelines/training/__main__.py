@@ -39,7 +39,7 @@ OPTIONS = [
     ("--offset-noise", "offset_noise", "scale of the per-image, per-channel noise offset (0 = plain noise; 0.1 "
                                        "lets backgrounds follow the caption when sampling starts below t = 999)"),
     ("--layout-noise", "layout_noise", "scale of per-image, per-channel noise on 2x2, 4x4 and 8x8 grids (0 = "
-                                       "plain noise; 0.1 lets positions and backgrounds follow the caption)"),
+                                       "plain noise; 0.1 made backgrounds follow the caption; positions not yet)"),
     ("--timesteps", "timesteps", "training timesteps: uniform (GLIDE) | high (p(t) proportional to t + 1: more "
                                  "draws at the noise levels where the caption decides layout and colour)"),
     ("--min-image-size", "min_image_size", "folder data: skip images with a smaller short side (0 = size/2)"),
