@@ -3,7 +3,7 @@
 Examples
   python -m pipelines generate --prompt "a red circle" --seed 1 --out out.png
   python -m pipelines inpaint --image in.png --mask m.png --prompt "a blue star" [--mode replace]
-  python -m pipelines sdedit --image sketch.png --prompt "a green triangle" --strength 0.6
+  python -m pipelines sdedit --image sketch.png --prompt "a green triangle" --strength 0.8
   python -m pipelines upsample --image small.png --prompt "a red circle"
   python -m pipelines replay SCENE_DIR
 

@@ -28,6 +28,7 @@ import gradio as gr  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 import studio.session  # noqa: E402
+from pipelines.defaults import DEFAULT_SDEDIT_STRENGTH  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -121,7 +122,7 @@ def test_sdedit_and_upsample_endpoints(client, files):
     assert images_of(gallery)[0].size == (40, 30) and info["changed_outside_mask"] == [0]
     gallery, info = client.predict(prompt="a green triangle", image=handle_file(files["image"]), seed=2,
                                    api_name="/sdedit", **FAST)
-    assert info["changed_outside_mask"] is None and info["params"]["strength"] == 0.6
+    assert info["changed_outside_mask"] is None and info["params"]["strength"] == DEFAULT_SDEDIT_STRENGTH
     gallery, info = client.predict(prompt="a red circle", image=handle_file(files["small"]), steps="3", seed=3,
                                    api_name="/upsample")
     assert images_of(gallery)[0].size == (64, 64) and info["params"]["pipeline"] == "upsample"

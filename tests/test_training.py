@@ -174,6 +174,31 @@ def test_layout_noise_adds_coarse_noise_and_is_recorded(tmp_path, tokenizer_file
         run("pretrain", **common, layout_noise=-0.1, out=str(tmp_path / "bad"))
 
 
+def test_high_noise_weight_makes_the_loss_v_like_up_to_its_cap_and_is_recorded(tmp_path, tokenizer_file):
+    """--high-noise-weight C: each example's eps loss is weighted by min(1 / alpha-bar_t, C), so low t keeps
+    weight ~1 and high t gets C; the logged "mse" stays the plain eps loss; 1 is the plain objective."""
+    model, inputs, schedule, no_amp, seen = noise_test_setup(tokenizer_file)
+    with torch.no_grad():
+        plain = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp)
+        _, t = seen.pop()
+        weighted = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(3), no_amp,
+                                  high_noise_weight=20.0)
+    torch.testing.assert_close(weighted["mse"], plain["mse"])
+    weight = (weighted["loss"] - weighted["vb"]) / weighted["mse"]
+    abar = torch.as_tensor(schedule.alphas_cumprod)[t]
+    assert torch.allclose(weight[t < 100], torch.ones(1), atol=0.03)  # alpha-bar ~1 at low noise
+    assert torch.allclose(weight[t > 900], torch.full((1,), 20.0))  # 1 / alpha-bar > 40 there: capped
+    mid = (t > 300) & (t < 800)
+    torch.testing.assert_close(weight[mid], (1 / abar[mid]).float())
+    assert (t < 100).any() and (t > 900).any() and mid.any()
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 1}
+    result = run("pretrain", **common, high_noise_weight=20.0, out=str(tmp_path / "weighted"))
+    assert load_model(result.model_dir, device="cpu").info.training["high_noise_weight"] == 20.0
+    with pytest.raises(ValueError, match="--high-noise-weight"):
+        run("pretrain", **common, high_noise_weight=0.5, out=str(tmp_path / "bad"))
+
+
 def test_high_timestep_sampling_draws_more_high_noise_and_is_recorded(tmp_path, tokenizer_file):
     """--timesteps high: p(t) proportional to t + 1 (mean about 2T/3, three times as many draws in the top
     half as in the bottom); uniform stays torch.randint's draw, so existing runs resume unchanged."""

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .. import InpaintPipeline, SDEditPipeline, Text2ImagePipeline, UpsamplePipeline
 from ..base import ModelStore
-from ..defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT
+from ..defaults import DEFAULT_SAMPLER, DEFAULT_SDEDIT_STRENGTH, DEFAULT_STEPS, DEFAULT_STEPS_INPAINT
 from ..shapes import inpaint_case, render, random_scene
 
 
@@ -70,7 +70,8 @@ def main(argv=None) -> None:
         ("inpaint 64, fine-tuned (default)", inpaint_64),
         ("inpaint 64, fine-tuned, guidance at t >= 900", lambda: inpaint_64(guidance_min_t=900)),
         ("inpaint 64, replace", lambda: inpaint_64(mode="replace")),
-        ("sdedit 64, strength 0.6", lambda: sdedit(prompt="a green triangle", image=blob, strength=0.6, seed=0)),
+        (f"sdedit 64, strength {DEFAULT_SDEDIT_STRENGTH}",
+         lambda: sdedit(prompt="a green triangle", image=blob, strength=DEFAULT_SDEDIT_STRENGTH, seed=0)),
         ("upsample 64 -> 256 (default)", lambda: upsample(prompt="a red circle", image=scene, seed=0)),
     ]
     print(f"device {args.device}, {torch.get_num_threads()} threads, default sampler {DEFAULT_SAMPLER} "

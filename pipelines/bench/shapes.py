@@ -60,7 +60,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import shapes as W
-from pipelines.defaults import SAMPLERS, steps_from_text
+from pipelines.defaults import DEFAULT_SDEDIT_STRENGTH, SAMPLERS, steps_from_text
 
 PROMPTS_V1 = Path(__file__).with_name("shapes_prompts_v1.json")
 DEFAULT_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -670,7 +670,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--inpaint-mode", default="finetuned", choices=("finetuned", "replace"))
     ap.add_argument("--inpaint-guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
     ap.add_argument("--sdedit-cases", type=int, default=32)
-    ap.add_argument("--strength", type=float, default=0.6, help="SDEdit strength")
+    ap.add_argument("--strength", type=float, default=DEFAULT_SDEDIT_STRENGTH, help="SDEdit strength")
     ap.add_argument("--sdedit-guidance", type=float, default=None, help="guidance scale (default: pipeline's)")
     ap.add_argument("--sweep-scales", default=",".join(str(s) for s in DEFAULT_SCALES))
     ap.add_argument("--sweep-seeds", type=int, default=4)

@@ -42,6 +42,9 @@ OPTIONS = [
                                        "plain noise; 0.1 made backgrounds follow the caption; positions not yet)"),
     ("--timesteps", "timesteps", "training timesteps: uniform (GLIDE) | high (p(t) proportional to t + 1: more "
                                  "draws at the noise levels where the caption decides layout and colour)"),
+    ("--high-noise-weight", "high_noise_weight", "weight each example's eps loss by min(1 / alpha-bar_t, this) "
+                                                 "(1 = GLIDE's plain loss; 20 made colour, size and background "
+                                                 "words count at high noise; positions not yet)"),
     ("--min-image-size", "min_image_size", "folder data: skip images with a smaller short side (0 = size/2)"),
     ("--masks", "masks", "finetune-inpaint mask mix, e.g. 'box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1'"),
     ("--upsampler", "upsampler", "finetune-inpaint: the --init model is an upsampler (6 -> 10 channels)"),

@@ -6,7 +6,8 @@
     upsampler         the text-conditional 64 -> 256 upsampler on pairs made by downsampling
 
 Loss: Improved DDPM's L_hybrid = L_simple + L_vlb (pipelines.diffusion.training_losses), t uniform
-(or --timesteps high: p(t) proportional to t + 1).
+(or --timesteps high: p(t) proportional to t + 1); --high-noise-weight C weights L_simple by
+min(1 / alpha-bar_t, C).
 
 A run folder (`--out`):
     run.json            the run's options            log.jsonl        one JSON record per step + events
@@ -128,6 +129,15 @@ class TrainConfig:
     # noise, where uniform draws put few samples and the eps loss is small; on the tiny preset (2,500
     # steps x 32) a caption lowered the error 3x as much at t = 850 with "high" (README).
     timesteps: str = "uniform"
+    # Weight of each example's L_simple: min(1 / alpha-bar_t, high_noise_weight) (1 = GLIDE's plain eps loss).
+    # Why: an eps error is SNR(t) times the x0 error behind it, so at the noise levels where x_t no longer
+    # shows where objects sit (t >= 850, SNR < 0.06) a model that puts them in the wrong place costs almost
+    # nothing, and the shipped base never learnt its captions' position words (bench.caption_use --parts).
+    # 1 / alpha-bar = 1 + 1 / SNR makes the loss the v-prediction loss (Salimans & Ho 2022) up to the cap,
+    # which keeps eps errors at t near T, where 1 / alpha-bar explodes, from swamping the rest. Measured
+    # (session 19, docs/models.md): 20 made colour, size and background words count several times more at
+    # t = 700-950; position words stayed unread, with 100 too.
+    high_noise_weight: float = 1.0
     min_image_size: int = 0  # folder data: skip images smaller than this (0 = image_size // 2)
     masks: str = ""  # finetune-inpaint mask mix, e.g. "box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1"
     upsampler: bool = False  # finetune-inpaint: the --init model must be an upsampler (6 -> 10 channels)
@@ -276,6 +286,9 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"--offset-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.offset_noise}")
     if not 0.0 <= cfg.layout_noise <= 1.0:
         raise ValueError(f"--layout-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.layout_noise}")
+    if not 1.0 <= cfg.high_noise_weight <= 1000.0:
+        raise ValueError(f"--high-noise-weight caps the weight 1 / alpha-bar: in [1, 1000] (1 = off), "
+                         f"got {cfg.high_noise_weight}")
 
 
 class TrainingDiverged(ValueError):
@@ -456,9 +469,11 @@ LAYOUT_NOISE_GRIDS = (2, 4, 8)  # TrainConfig.layout_noise: coarse enough for wh
 
 
 def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, amp,
-                   offset_noise: float = 0.0, timesteps: str = "uniform", layout_noise: float = 0.0) -> dict:
+                   offset_noise: float = 0.0, timesteps: str = "uniform", layout_noise: float = 0.0,
+                   high_noise_weight: float = 1.0) -> dict:
     """L_hybrid for one batch; t (draw_timesteps) and the noise come from `generator` (plus offset_noise *
-    N(0, 1) per image and channel, and layout_noise * N(0, 1) on coarse grids: TrainConfig)."""
+    N(0, 1) per image and channel, and layout_noise * N(0, 1) on coarse grids: TrainConfig). "loss" weights
+    "mse" by min(1 / alpha-bar_t, high_noise_weight); "mse" itself stays the plain eps loss, for the log."""
     x0 = inputs["x0"]
     t = draw_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device, timesteps)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -478,7 +493,11 @@ def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, am
         with amp:
             return model(x_t, timesteps, inputs["tokens"], inputs["mask"], **extra)
 
-    return training_losses(model_fn, x0, t, schedule, noise=noise)
+    losses = training_losses(model_fn, x0, t, schedule, noise=noise)
+    if high_noise_weight > 1.0:
+        inverse_abar = torch.as_tensor(1.0 / schedule.alphas_cumprod, device=x0.device)[t]
+        losses["loss"] = inverse_abar.clamp(max=high_noise_weight).float() * losses["mse"] + losses["vb"]
+    return losses
 
 
 @torch.no_grad()
@@ -812,6 +831,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "lr_schedule": cfg.lr_schedule, "lr_min": cfg.lr_min, "lr_decay_steps": n_decay,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "layout_noise": cfg.layout_noise, "timesteps": cfg.timesteps,
+                "high_noise_weight": cfg.high_noise_weight,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
                 # the warm start's whole record nests here, so a chain of runs keeps every leg's hardware and time
                 "init": ({"path": str(cfg.init), **{k: init_record.get(k) for k in ("stage", "data", "steps")},
@@ -918,7 +938,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             torch.manual_seed(derived_seed(cfg.seed, 1, step, d.rank))
             generator = torch.Generator(device).manual_seed(derived_seed(cfg.seed, 2, step, d.rank))
             losses = compute_losses(model, inputs, schedule, generator, amp, cfg.offset_noise, cfg.timesteps,
-                                    cfg.layout_noise)
+                                    cfg.layout_noise, cfg.high_noise_weight)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
