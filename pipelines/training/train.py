@@ -132,7 +132,7 @@ class TrainConfig:
     # Weight of each example's L_simple: min(1 / alpha-bar_t, high_noise_weight) (1 = GLIDE's plain eps loss).
     # Why: an eps error is SNR(t) times the x0 error behind it, so at the noise levels where x_t no longer
     # shows where objects sit (t >= 850, SNR < 0.06) a model that puts them in the wrong place costs almost
-    # nothing, and the shipped base never learnt its captions' position words (bench.caption_use --parts).
+    # nothing, and the bases up to session 18 never learnt their captions' position words (bench.caption_use --parts).
     # 1 / alpha-bar = 1 + 1 / SNR makes the loss the v-prediction loss (Salimans & Ho 2022) up to the cap,
     # which keeps eps errors at t near T, where 1 / alpha-bar explodes, from swamping the rest. Measured
     # (session 19, docs/models.md): 20 made colour, size and background words count several times more at
