@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .schedule import Schedule, SpacedProcess, split_model_output
+from .schedule import Schedule, SpacedProcess, _take, split_model_output
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -65,6 +66,7 @@ def training_losses(
     schedule: Schedule,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    high_noise_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Improved DDPM L_hybrid for a batch: returns per-example [B] tensors
     "mse" (L_simple, DDPM eq. 14), "vb" (L_vlb term with a stop-gradient on the mean, scaled by
@@ -72,6 +74,8 @@ def training_losses(
 
     x0: clean images in [-1, 1]; t: LongTensor [B] of timesteps of the full (non-respaced)
     schedule; noise defaults to standard normal noise drawn from `generator` on x0's device.
+    high_noise_weight > 1 weights "mse" in "loss" by min(1 / abar_t, high_noise_weight): the v-prediction
+    loss up to that cap (training's --high-noise-weight); "mse" itself stays L_simple.
     """
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
@@ -83,4 +87,7 @@ def training_losses(
         vb = torch.zeros_like(mse)
     else:
         vb = _vlb_bits(schedule, schedule.spaced(), x0, x_t, t, eps.detach(), v) * (schedule.num_timesteps / 1000.0)
+    if high_noise_weight > 1.0:
+        weight = _take(np.minimum(1.0 / schedule.alphas_cumprod, high_noise_weight), t, mse)
+        return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
     return {"loss": mse + vb, "mse": mse, "vb": vb}

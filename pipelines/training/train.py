@@ -493,11 +493,7 @@ def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, am
         with amp:
             return model(x_t, timesteps, inputs["tokens"], inputs["mask"], **extra)
 
-    losses = training_losses(model_fn, x0, t, schedule, noise=noise)
-    if high_noise_weight > 1.0:
-        inverse_abar = torch.as_tensor(1.0 / schedule.alphas_cumprod, device=x0.device)[t]
-        losses["loss"] = inverse_abar.clamp(max=high_noise_weight).float() * losses["mse"] + losses["vb"]
-    return losses
+    return training_losses(model_fn, x0, t, schedule, noise=noise, high_noise_weight=high_noise_weight)
 
 
 @torch.no_grad()

@@ -58,4 +58,3 @@ def add_attention_positions(model: GlideUNet) -> GlideUNet:
     if hasattr(model, "info"):
         grown.info = model.info
     return grown.train(model.training)
-
