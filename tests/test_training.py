@@ -218,6 +218,27 @@ def test_high_timestep_sampling_draws_more_high_noise_and_is_recorded(tmp_path, 
         run("pretrain", **common, timesteps="low", out=str(tmp_path / "bad"))
 
 
+def test_min_timestep_trains_only_at_the_top_of_the_schedule_and_is_recorded(tmp_path, tokenizer_file):
+    """--min-timestep m: both samplings draw only from {m..T-1} (uniform evenly, high still rising with t),
+    every timestep of the range is reachable, 0 leaves the draws as they were, and a bad m is refused."""
+    T, m = 1000, 850
+    uniform = draw_timesteps(100_000, T, torch.Generator().manual_seed(0), "cpu", "uniform", m)
+    high = draw_timesteps(100_000, T, torch.Generator().manual_seed(0), "cpu", "high", m)
+    for t in (uniform, high):
+        assert t.min() == m and t.max() == T - 1 and len(t.unique()) == T - m
+    assert abs(uniform.float().mean().item() - (m + T - 1) / 2) < 1
+    assert high.float().mean() > uniform.float().mean() + 1  # p(t) proportional to t + 1 on the range
+    for sampling in ("uniform", "high"):
+        assert torch.equal(draw_timesteps(500, T, torch.Generator().manual_seed(4), "cpu", sampling, 0),
+                           draw_timesteps(500, T, torch.Generator().manual_seed(4), "cpu", sampling))
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 1}
+    result = run("pretrain", **common, min_timestep=m, out=str(tmp_path / "top"))
+    assert load_model(result.model_dir, device="cpu").info.training["min_timestep"] == m
+    with pytest.raises(ValueError, match="--min-timestep"):
+        run("pretrain", **common, min_timestep=1000, out=str(tmp_path / "bad"))
+
+
 def test_lr_decays_after_warm_up_to_the_end_of_a_continued_run_and_is_recorded(tmp_path, tokenizer_file):
     """--lr-schedule cosine/linear: warm-up, then a decay from --lr to --lr-min that ends at --max-steps,
     counted from where a warm start continues; the step log shows it and the export records it."""
@@ -579,6 +600,19 @@ def test_caption_part_use_finds_which_words_the_model_reads(shipped_models):
             p.data.zero_()
     (row,) = caption_part_use(model, items=8, timesteps=(700,))
     assert all(row[part] == 0.0 for part in CAPTION_PARTS)
+
+
+def test_caption_use_measures_at_the_noise_levels_asked_for(shipped_models, capsys):
+    """--timesteps picks the rows (the top of the schedule is where position words would count);
+    a level off the schedule or a non-number is refused by name."""
+    from pipelines.bench.caption_use import main
+    main(["--model", str(shipped_models), "--parts", "--items", "2", "--timesteps", "960,990"])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["960", "990"]
+    for bad in ("1000", "high"):
+        with pytest.raises(SystemExit):
+            main(["--model", str(shipped_models), "--timesteps", bad])
+        assert "--timesteps" in capsys.readouterr().err
 
 
 def test_unknown_caption_words_are_counted(tokenizer_file):

@@ -1,6 +1,6 @@
 """How much a base model uses its captions, per noise level.
 
-    python -m pipelines.bench.caption_use [--model PATH] [--items 32] [--captions short] [--parts]
+    python -m pipelines.bench.caption_use [--model PATH] [--items 32] [--captions short] [--parts] [--timesteps 850,950]
 
 For fixed shapes scenes, noise and timesteps t, it prints the noise-prediction error with each
 scene's own caption, another scene's caption and the empty caption, and two ratios:
@@ -104,19 +104,27 @@ def main(argv=None) -> None:
     ap.add_argument("--captions", default="short", help="shapes caption form: mix | dense | short | short_bg")
     ap.add_argument("--parts", action="store_true",
                     help="which words of a dense caption are read: error rise with each kind made wrong")
+    ap.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
+                    help="comma-separated noise levels t to measure at")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    try:
+        timesteps = [int(t) for t in args.timesteps.split(",")]
+    except ValueError:
+        ap.error(f"--timesteps takes comma-separated integers such as 850,950, got {args.timesteps!r}")
+    if not all(0 <= t < 1000 for t in timesteps):
+        ap.error(f"--timesteps must lie in [0, 999], got {args.timesteps!r}")
     model = ModelStore(args.model, device=args.device, dtype=torch.float32).get("base")
     if args.parts:
         print(f"{model.info.name} ({model.info.source}), {args.items} scenes, dense captions; "
               "error rise with each part wrong")
         print(f"{'t':>5} {'own':>9} " + " ".join(f"{p:>10}" for p in CAPTION_PARTS))
-        for r in caption_part_use(model, args.items):
+        for r in caption_part_use(model, args.items, timesteps):
             print(f"{r['t']:>5} {r['own']:9.5f} " + " ".join(f"{r[p]:>+9.1%} " for p in CAPTION_PARTS))
         return
     print(f"{model.info.name} ({model.info.source}), {args.items} scenes, {args.captions} captions")
     print(f"{'t':>5} {'own':>9} {'another':>9} {'empty':>9} {'gain vs another':>16} {'gain vs empty':>14}")
-    for r in caption_use(model, args.items, args.captions):
+    for r in caption_use(model, args.items, args.captions, timesteps):
         print(f"{r['t']:>5} {r['own']:9.5f} {r['another']:9.5f} {r['empty']:9.5f} "
               f"{r['gain_vs_another']:16.3f} {r['gain_vs_empty']:14.3f}")
 

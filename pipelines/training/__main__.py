@@ -42,6 +42,8 @@ OPTIONS = [
                                        "plain noise; 0.1 made backgrounds follow the caption; positions not yet)"),
     ("--timesteps", "timesteps", "training timesteps: uniform (GLIDE) | high (p(t) proportional to t + 1: more "
                                  "draws at the noise levels where the caption decides layout and colour)"),
+    ("--min-timestep", "min_timestep", "draw training timesteps only from {this..T-1} (0 = all; 940 trains only "
+                                       "where a 64 px object no longer shows in x_t; low t is forgotten fast)"),
     ("--high-noise-weight", "high_noise_weight", "weight each example's eps loss by min(1 / alpha-bar_t, this) "
                                                  "(1 = GLIDE's plain loss; 20 made colour, size and background "
                                                  "words count at high noise; positions not yet)"),

@@ -6,8 +6,8 @@
     upsampler         the text-conditional 64 -> 256 upsampler on pairs made by downsampling
 
 Loss: Improved DDPM's L_hybrid = L_simple + L_vlb (pipelines.diffusion.training_losses), t uniform
-(or --timesteps high: p(t) proportional to t + 1); --high-noise-weight C weights L_simple by
-min(1 / alpha-bar_t, C).
+(or --timesteps high: p(t) proportional to t + 1; --min-timestep m keeps only t >= m);
+--high-noise-weight C weights L_simple by min(1 / alpha-bar_t, C).
 
 A run folder (`--out`):
     run.json            the run's options            log.jsonl        one JSON record per step + events
@@ -129,6 +129,12 @@ class TrainConfig:
     # noise, where uniform draws put few samples and the eps loss is small; on the tiny preset (2,500
     # steps x 32) a caption lowered the error 3x as much at t = 850 with "high" (README).
     timesteps: str = "uniform"
+    # Draw training timesteps only from {min_timestep..T-1} (0 = all). Why: at 64 px a medium object still
+    # shows in x_t up to t ~ 940 (its pixels' signal-to-noise is about 2.5 there), so below that a caption's
+    # position words barely lower the loss; a leg at 940 puts every example where they would count. Measured
+    # (session 20, docs/models.md): such a leg cut the error at t = 980-990 by half, but left positions
+    # unread, and it forgets low t fast (error at t = 100 36x in 1,200 steps), so it needs a full-range leg after.
+    min_timestep: int = 0
     # Weight of each example's L_simple: min(1 / alpha-bar_t, high_noise_weight) (1 = GLIDE's plain eps loss).
     # Why: an eps error is SNR(t) times the x0 error behind it, so at the noise levels where x_t no longer
     # shows where objects sit (t >= 850, SNR < 0.06) a model that puts them in the wrong place costs almost
@@ -456,13 +462,16 @@ def to_model_inputs(batch: dict, device: torch.device, channels_last: bool = Fal
     return inputs
 
 
-def draw_timesteps(n: int, num_timesteps: int, generator: torch.Generator, device, sampling: str = "uniform"):
-    """n training timesteps: uniform on {0..T-1}, or "high" with p(t) proportional to t + 1 (TrainConfig.timesteps)."""
+def draw_timesteps(n: int, num_timesteps: int, generator: torch.Generator, device, sampling: str = "uniform",
+                   min_timestep: int = 0):
+    """n training timesteps on {min_timestep..T-1}: uniform, or "high" with p(t) proportional to t + 1
+    (TrainConfig.timesteps, TrainConfig.min_timestep)."""
     if sampling == "uniform":
-        return torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
-    # the square root of a uniform draw has density 2u on [0, 1]
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).sqrt()
-    return (u * num_timesteps).long().clamp_(max=num_timesteps - 1)
+        return torch.randint(min_timestep, num_timesteps, (n,), generator=generator, device=device)
+    # sqrt(m^2 + (1 - m^2) r), r uniform, has density proportional to u on [m, 1]
+    m2 = (min_timestep / num_timesteps) ** 2
+    u = (m2 + (1.0 - m2) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)).sqrt()
+    return (u * num_timesteps).long().clamp_(min=min_timestep, max=num_timesteps - 1)
 
 
 LAYOUT_NOISE_GRIDS = (2, 4, 8)  # TrainConfig.layout_noise: coarse enough for where objects sit in a 3x3 layout
@@ -470,12 +479,12 @@ LAYOUT_NOISE_GRIDS = (2, 4, 8)  # TrainConfig.layout_noise: coarse enough for wh
 
 def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, amp,
                    offset_noise: float = 0.0, timesteps: str = "uniform", layout_noise: float = 0.0,
-                   high_noise_weight: float = 1.0) -> dict:
+                   high_noise_weight: float = 1.0, min_timestep: int = 0) -> dict:
     """L_hybrid for one batch; t (draw_timesteps) and the noise come from `generator` (plus offset_noise *
     N(0, 1) per image and channel, and layout_noise * N(0, 1) on coarse grids: TrainConfig). "loss" weights
     "mse" by min(1 / alpha-bar_t, high_noise_weight); "mse" itself stays the plain eps loss, for the log."""
     x0 = inputs["x0"]
-    t = draw_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device, timesteps)
+    t = draw_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device, timesteps, min_timestep)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     if offset_noise:
         noise = noise + offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=generator, device=x0.device)
@@ -745,6 +754,9 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
     raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format).train()
     ema = copy.deepcopy(raw_model).eval().requires_grad_(False)
     schedule = make_schedule(schedule_name)
+    if not 0 <= cfg.min_timestep < schedule.num_timesteps:
+        raise ValueError(f"--min-timestep must be in [0, {schedule.num_timesteps - 1}] for the "
+                         f"{schedule.num_timesteps}-step schedule, got {cfg.min_timestep}")
     c = raw_model.config
 
     # data
@@ -827,6 +839,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "lr_schedule": cfg.lr_schedule, "lr_min": cfg.lr_min, "lr_decay_steps": n_decay,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "layout_noise": cfg.layout_noise, "timesteps": cfg.timesteps,
+                "min_timestep": cfg.min_timestep,
                 "high_noise_weight": cfg.high_noise_weight,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
                 # the warm start's whole record nests here, so a chain of runs keeps every leg's hardware and time
@@ -934,7 +947,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             torch.manual_seed(derived_seed(cfg.seed, 1, step, d.rank))
             generator = torch.Generator(device).manual_seed(derived_seed(cfg.seed, 2, step, d.rank))
             losses = compute_losses(model, inputs, schedule, generator, amp, cfg.offset_noise, cfg.timesteps,
-                                    cfg.layout_noise, cfg.high_noise_weight)
+                                    cfg.layout_noise, cfg.high_noise_weight, cfg.min_timestep)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
