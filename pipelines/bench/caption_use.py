@@ -112,9 +112,10 @@ def main(argv=None) -> None:
         timesteps = [int(t) for t in args.timesteps.split(",")]
     except ValueError:
         ap.error(f"--timesteps takes comma-separated integers such as 850,950, got {args.timesteps!r}")
-    if not all(0 <= t < 1000 for t in timesteps):
-        ap.error(f"--timesteps must lie in [0, 999], got {args.timesteps!r}")
     model = ModelStore(args.model, device=args.device, dtype=torch.float32).get("base")
+    num_timesteps = make_schedule(model.info.noise_schedule).num_timesteps
+    if not all(0 <= t < num_timesteps for t in timesteps):
+        ap.error(f"--timesteps must lie in [0, {num_timesteps - 1}] for this model's schedule, got {args.timesteps!r}")
     if args.parts:
         print(f"{model.info.name} ({model.info.source}), {args.items} scenes, dense captions; "
               "error rise with each part wrong")
