@@ -177,6 +177,32 @@ def test_attention_positions_start_silent_then_tell_pixels_apart():
     assert features.shape == (32, 64) and torch.cdist(features.T, features.T).add(torch.eye(64)).min() > 0.1
 
 
+def test_text_layout_starts_silent_then_places_by_caption():
+    """text_layout (not in the released GLIDE): off, no parameters are added; on, its projection starts
+    at zero, so the output is the plain model's; once trained, the map differs between captions, and the
+    encoded text given once gives the same output as tokens given at every call."""
+    plain = perturb(tiny_model())
+    assert not any("layout" in k for k in plain.state_dict())
+    grown = tiny_model(text_layout=4)
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all("layout" in k for k in missing) and not unexpected
+    x, t, tokens, mask = inputs(plain.config)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, tokens, mask), grown(x, t, tokens, mask))
+        grown.layout_proj.weight.add_(torch.randn_like(grown.layout_proj.weight) * 0.05)
+        out = grown(x, t, tokens, mask)
+        assert not torch.allclose(plain(x, t, tokens, mask), out)
+        assert torch.equal(out, grown(x, t, text=grown.encode_text(tokens, mask)))
+        _, _, layout = grown.encode_text(tokens, mask)
+        side = grown.config.image_size // 2 ** (len(grown.config.channel_multipliers) - 1)
+        assert layout.shape == (2, 4, side, side) and not torch.allclose(layout[0], layout[1])
+        _, _, empty = grown.encode_text(tokens, torch.zeros_like(mask))  # no words: the learnt bias alone
+        assert torch.allclose(empty[0], empty[1]) and torch.allclose(
+            empty[0], grown.layout_from_text.bias.reshape(4, side, side))
+    with pytest.raises(ValueError, match="text_layout"):
+        tiny_model(text_layout=-1)
+
+
 def test_super_res_inputs():
     model = perturb(tiny_model(super_res=True))
     assert model.input_blocks[0][0].weight.shape[1] == 6

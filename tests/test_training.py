@@ -264,21 +264,47 @@ def test_lr_decays_after_warm_up_to_the_end_of_a_continued_run_and_is_recorded(t
             out=str(tmp_path / "behind"))
 
 
-def test_a_warm_start_can_grow_attention_positions_and_refuses_other_shape_changes(tmp_path, tokenizer_file):
-    """--init with --model-config '{"attention_pos_emb": true}' fine-tunes a trained model with position
-    features added (they start at zero, so training starts from its output); any other config change
-    with --init is named, not silently ignored."""
+def test_a_warm_start_can_grow_zero_initialised_parts_and_refuses_other_shape_changes(tmp_path, tokenizer_file):
+    """--init with --model-config '{"attention_pos_emb": true, "text_layout": 4}' fine-tunes a trained
+    model with position features and a layout map added (they start at zero, so training starts from its
+    output); any other config change with --init is named, not silently ignored."""
     common = {**TINY, "tokenizer": str(tokenizer_file)}
     first = run("pretrain", **common, max_steps=2, out=str(tmp_path / "first"))
-    grown = run("pretrain", **common, init=str(first.model_dir), model={"attention_pos_emb": True},
+    grown = run("pretrain", **common, init=str(first.model_dir), model={"attention_pos_emb": True, "text_layout": 4},
                 max_steps=4, out=str(tmp_path / "grown"))
     model = load_model(grown.model_dir, device="cpu")
-    assert model.config.attention_pos_emb
-    moved = [p.abs().max().item() for n, p in model.named_parameters() if ".pos_proj." in n]
-    assert moved and max(moved) > 0  # the new projections trained
+    assert model.config.attention_pos_emb and model.config.text_layout == 4
+    for part in (".pos_proj.", "layout_proj."):  # the new parts trained
+        moved = [p.abs().max().item() for n, p in model.named_parameters() if part in n]
+        assert moved and max(moved) > 0, part
     with pytest.raises(ValueError, match="num_channels"):
         run("pretrain", **common, init=str(first.model_dir), model={"num_channels": 64}, max_steps=4,
             out=str(tmp_path / "wider"))
+    with pytest.raises(ValueError, match="text_layout=8"):  # a trained map cannot be resized
+        run("pretrain", **common, init=str(grown.model_dir), model={"text_layout": 8}, max_steps=6,
+            out=str(tmp_path / "resized"))
+
+
+def test_train_only_trains_the_named_parts_and_leaves_the_rest_as_loaded(tmp_path, tokenizer_file):
+    """--train-only layout_from_text,layout_proj teaches a grown layout map while every other weight stays
+    exactly as the --init model had it; the choice is recorded and kept on resume, and a prefix naming
+    nothing is refused."""
+    common = {**TINY, "tokenizer": str(tokenizer_file)}
+    first = run("pretrain", **common, max_steps=2, out=str(tmp_path / "first"))
+    taught = run("pretrain", **common, init=str(first.model_dir), model={"text_layout": 4},
+                 train_only="layout_from_text,layout_proj", ema_decay=0.0, max_steps=5, out=str(tmp_path / "taught"))
+    before = load_model(first.model_dir, device="cpu").state_dict()
+    after = load_model(taught.model_dir, device="cpu")
+    assert after.info.training["train_only"] == "layout_from_text,layout_proj"
+    assert after.layout_proj.weight.abs().max() > 0  # it started at zero
+    for name, value in after.state_dict().items():
+        if not name.startswith(("layout_from_text", "layout_proj")):
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="xf_blocks"):
+        run("pretrain", **common, init=str(first.model_dir), train_only="xf_blocks", max_steps=4,
+            out=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="--train-only"):  # the optimizer state holds only those parts
+        run("pretrain", resume=True, out=str(tmp_path / "taught"), train_only="transformer", max_steps=7)
 
 
 def test_widening_for_inpainting_leaves_the_output_unchanged_to_the_last_bit():

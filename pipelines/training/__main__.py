@@ -54,6 +54,8 @@ OPTIONS = [
     ("--workers", "workers", "DataLoader worker processes (-1 = auto)"),
     ("--batch-size", "batch_size", "batch size per process"),
     ("--lr", "lr", "AdamW learning rate"),
+    ("--train-only", "train_only", "train only parameters whose names start with these comma-separated "
+                                   "prefixes, e.g. layout_from_text,layout_proj ('' = all)"),
     ("--warmup", "warmup", "linear learning-rate warm-up steps"),
     ("--lr-schedule", "lr_schedule", "after warm-up: constant | cosine | linear (decay from --lr to --lr-min)"),
     ("--lr-min", "lr_min", "learning rate at the end of the decay"),

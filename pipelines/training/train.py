@@ -60,7 +60,7 @@ from ..models.glide import GlideConfig, GlideUNet
 from ..tokenizer import PromptTokenizer
 from .data import FolderSource, TrainingDataset, derived_seed, make_loader, make_source
 from .masks import parse_weights
-from .widen import add_attention_positions, widen_for_inpainting
+from .widen import GROWABLE, grow_zero_initialised_parts, widen_for_inpainting
 
 STAGES = ("pretrain", "finetune-inpaint", "upsampler")
 CHECKPOINT_MANIFEST = "checkpoint.json"
@@ -160,6 +160,10 @@ class TrainConfig:
     lr_min: float = 0.0
     lr_decay_steps: int = 0
     weight_decay: float = 0.0
+    # Train only the parameters whose names start with one of these comma-separated prefixes; the rest stay
+    # as loaded ("" = all). Why: a part grown onto a trained model (text_layout) can be taught first without
+    # the rest forgetting what it knew, at the cost of the forward pass and part of the backward only.
+    train_only: str = ""
     grad_clip: float = 1.0
     ema_decay: float = 0.9999  # capped by (1 + s) / (10 + s), so short runs still average sensibly
     max_steps: int = 0  # 0 = no limit (stop with --max-minutes, Ctrl-C or SIGTERM)
@@ -189,9 +193,9 @@ STAGE_DEFAULTS: dict[str, dict] = {
     "finetune-inpaint": dict(out="runs/base-inpaint", lr=1e-4, warmup=200),
     "upsampler": dict(out="runs/upsampler", preset="upsampler", batch_size=8),
 }
-# Options a resumed run must keep: they decide the model and which data each step sees.
+# Options a resumed run must keep: they decide the model, which data each step sees and what the optimizer holds.
 LOCKED_ON_RESUME = ("preset", "model", "init", "data", "captions", "caption_drop", "min_image_size", "masks",
-                    "seed", "batch_size", "noise_schedule", "tokenizer", "upsampler")
+                    "seed", "batch_size", "noise_schedule", "tokenizer", "upsampler", "train_only")
 
 
 @dataclass
@@ -379,14 +383,15 @@ def build_model(stage: str, cfg: TrainConfig, tokenizer: PromptTokenizer, checkp
         return model, checkpoint["noise_schedule"]
     if init_model is not None:
         model, schedule = init_model, cfg.noise_schedule or init_model.info.noise_schedule
-        # a warm start keeps the --init model's architecture; the one change it takes is growing position features
+        # a warm start keeps the --init model's architecture; the changes it takes add zero-initialised parts
         changes = {k: v for k, v in cfg.model.items() if v != getattr(model.config, k, None)}
-        if changes == {"attention_pos_emb": True}:
-            model = add_attention_positions(model)
-        elif changes:
-            raise ValueError(f"--model-config {cfg.model} differs from the --init model's config in {sorted(changes)}; "
-                             "a warm start keeps its architecture (only '{\"attention_pos_emb\": true}' can be "
-                             "added); drop --init to train a new shape from scratch")
+        fixed = sorted(set(changes) - set(GROWABLE))
+        if fixed:
+            raise ValueError(f"--model-config {cfg.model} differs from the --init model's config in {fixed}; "
+                             f"a warm start keeps its architecture (only {sorted(GROWABLE)} can be added); "
+                             "drop --init to train a new shape from scratch")
+        if changes:
+            model = grow_zero_initialised_parts(model, changes)
         if stage == "finetune-inpaint":
             if cfg.upsampler and not model.config.super_res:
                 raise ValueError(f"--upsampler was given but {cfg.init} is not an upsampler (super_res is off)")
@@ -436,6 +441,23 @@ def get_lr(cfg: TrainConfig, step: int, n_decay: int) -> float:
     done = min(1.0, (step - cfg.warmup) / n_decay)
     left = 0.5 * (1.0 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
     return cfg.lr_min + (cfg.lr - cfg.lr_min) * left
+
+
+def trainable_parameters(model: GlideUNet, train_only: str) -> list[torch.nn.Parameter]:
+    """The parameters to train (TrainConfig.train_only); the others stop needing gradients."""
+    if not train_only:
+        return list(model.parameters())
+    prefixes = [p.strip() for p in train_only.split(",") if p.strip()]
+    unmatched = [p for p in prefixes if not any(n.startswith(p) for n, _ in model.named_parameters())]
+    if unmatched:
+        raise ValueError(f"--train-only {unmatched} names no parameter of this model; use prefixes of its "
+                         "parameter names, such as layout_from_text,layout_proj or transformer.")
+    trained = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(tuple(prefixes)))
+        if p.requires_grad:
+            trained.append(p)
+    return trained
 
 
 @torch.no_grad()
@@ -775,8 +797,9 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         step = opt_start = int(init_record["steps"])
         data_position, images_seen = int(init_record["data_position"]), int(init_record["images_seen"])
         wall_before, loss_ema = float(init_record.get("wall_time_s", 0.0)), init_record.get("final_loss")
+    trained = trainable_parameters(raw_model, cfg.train_only)
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay, fused=fused)
     if checkpoint is not None:
         ema.load_state_dict(checkpoint["ema"])
@@ -839,7 +862,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "lr_schedule": cfg.lr_schedule, "lr_min": cfg.lr_min, "lr_decay_steps": n_decay,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "layout_noise": cfg.layout_noise, "timesteps": cfg.timesteps,
-                "min_timestep": cfg.min_timestep,
+                "min_timestep": cfg.min_timestep, "train_only": cfg.train_only,
                 "high_noise_weight": cfg.high_noise_weight,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
                 # the warm start's whole record nests here, so a chain of runs keeps every leg's hardware and time
@@ -951,7 +974,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimizer.step()
             update_ema(ema, raw_model, step - opt_start, cfg.ema_decay)
             step += 1

@@ -5,8 +5,9 @@ upsampler), in the order `GlideUNet.forward` concatenates them. Every weight is 
 input columns are zero, so the widened model computes what the old one did whatever the
 inpainting inputs are (bit-for-bit on CPU for a base model, see tests/test_training.py).
 
-`add_attention_positions` grows a trained model the same way: its attention blocks get their
-zero-initialised position projections (GlideConfig.attention_pos_emb), so it computes what it did.
+`grow_zero_initialised_parts` grows a trained model the same way: the parts that start at zero
+(GlideConfig.attention_pos_emb's position projections, text_layout's layout map) are added, so it
+computes what it did.
 """
 
 from __future__ import annotations
@@ -47,14 +48,22 @@ def widen_for_inpainting(model: GlideUNet) -> GlideUNet:
     return wide.train(model.training)
 
 
-def add_attention_positions(model: GlideUNet) -> GlideUNet:
-    """A new GlideUNet with `attention_pos_emb=True`: every weight copied, the position projections zero."""
-    if model.config.attention_pos_emb:
-        return model
-    config = dataclasses.replace(model.config, attention_pos_emb=True)
-    grown = GlideUNet(config).to(device=model.device, dtype=model.dtype)  # pos_proj starts at zero
+# config changes a trained model can take: each only adds parameters whose output starts at zero
+GROWABLE = {"attention_pos_emb": lambda old, new: new is True,
+            "text_layout": lambda old, new: old == 0 and isinstance(new, int) and new > 0}
+GROWN_KEYS = (".pos_proj.", "layout_from_text.", "layout_proj.")
+
+
+def grow_zero_initialised_parts(model: GlideUNet, changes: dict) -> GlideUNet:
+    """A new GlideUNet with the `changes` (keys of GROWABLE) applied: every weight copied, the new parts
+    starting where their output is zero."""
+    refused = sorted(k for k, v in changes.items() if k not in GROWABLE or not GROWABLE[k](getattr(model.config, k), v))
+    if refused:
+        raise ValueError(f"a trained model cannot take {', '.join(f'{k}={changes[k]!r}' for k in refused)}")
+    config = dataclasses.replace(model.config, **changes)
+    grown = GlideUNet(config).to(device=model.device, dtype=model.dtype)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(".pos_proj." in k for k in missing), (missing, unexpected)
+    assert not unexpected and all(any(g in k for g in GROWN_KEYS) for k in missing), (missing, unexpected)
     if hasattr(model, "info"):
         grown.info = model.info
     return grown.train(model.training)
