@@ -603,14 +603,20 @@ def test_cli_has_help_for_every_stage():
     assert args == {"stage": "pretrain", "max_steps": 5, "compile": True}  # only what was given is passed on
 
 
+def cut_text_from_image(model) -> None:
+    """Zero every path from the caption to the image: attention's text keys and values, the pooled
+    vector's projection and the layout map's convolution."""
+    for name, p in model.named_parameters():
+        if "encoder_kv" in name or "transformer_proj" in name or name.startswith("layout_proj"):
+            p.data.zero_()
+
+
 def test_caption_gain_measures_how_much_the_text_is_used(shipped_models):
     model = load_model(shipped_models / "base", device="cpu", dtype=torch.float32)
     data = TrainingDataset(ShapesSource(64), model.info.tokenizer, model.config.text_ctx, seed=7919, caption_drop=0.0)
     schedule, cpu, no_amp = make_schedule(model.info.noise_schedule), torch.device("cpu"), contextlib.nullcontext()
     assert caption_gain(model, data, schedule, cpu, no_amp, n=32) > 0.02  # the shipped base uses its text a little
-    for name, p in model.named_parameters():  # cut every path from the text to the image
-        if "encoder_kv" in name or "transformer_proj" in name:
-            p.data.zero_()
+    cut_text_from_image(model)
     assert caption_gain(model, data, schedule, cpu, no_amp, n=32) == 0.0
 
 
@@ -621,9 +627,7 @@ def test_caption_part_use_finds_which_words_the_model_reads(shipped_models):
     model = load_model(shipped_models / "base", device="cpu", dtype=torch.float32)
     (row,) = caption_part_use(model, items=8, timesteps=(700,))
     assert row["color"] > 0.05 and set(CAPTION_PARTS) <= row.keys()
-    for name, p in model.named_parameters():
-        if "encoder_kv" in name or "transformer_proj" in name:
-            p.data.zero_()
+    cut_text_from_image(model)
     (row,) = caption_part_use(model, items=8, timesteps=(700,))
     assert all(row[part] == 0.0 for part in CAPTION_PARTS)
 
