@@ -51,7 +51,7 @@ class SDEditPipeline(MaskedEditPipeline):
                  pipeline: str | None = None, models: dict | None = None, device=None, dtype=None):
         """Denoise `image` from step round(strength * steps) towards `prompt`.
 
-        Defaults (pipelines/defaults.py): ancestral "ddpm" over "ddim15", guidance 3.0 at t >= 300; the
+        Defaults (pipelines/defaults.py): ancestral "ddpm" over "ddim15", guidance 5.0 at t >= 300; the
         upsampler stage runs DDIM from min(strength, upsample_strength), starting from the known
         pixels and, where the image is regenerated, the enlarged base result.
         upsample: None = through the upsampler when there is one and the working crop is at least

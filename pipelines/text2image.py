@@ -45,7 +45,7 @@ class Text2ImagePipeline(BasePipeline):
         """Generate `num_images` images for `prompt` (256x256 with an upsampler, else base size).
 
         num_inference_steps: an int or a respacing string ("100", "fast27", "ddim25"); the defaults
-          (ancestral "ddpm" over "ddim15", guidance 3.0) live in pipelines/defaults.py.
+          (ancestral "ddpm" over "ddim15", guidance 5.0) live in pipelines/defaults.py.
         guidance_min_t: guidance runs at timesteps t >= this only; below it the conditional model runs
           alone, at about 60% of a guided step's cost (0 = guidance at every step, as GLIDE).
         negative_prompt: the unconditional rows of guidance (default: the empty prompt).

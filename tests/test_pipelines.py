@@ -19,7 +19,7 @@ from pipelines import (CheckpointError, EmptyMaskError, GenerationInterrupted, I
                        NonFiniteOutputError, PipelineInputError, SDEditPipeline, Text2ImagePipeline,
                        UpsamplePipeline)
 from pipelines.base import MaskedCrop, feather
-from pipelines.defaults import DEFAULT_GUIDANCE_MIN_T, DEFAULT_GUIDANCE_MIN_T_INPAINT, DEFAULT_SAMPLER
+from pipelines.defaults import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_MIN_T, DEFAULT_GUIDANCE_MIN_T_INPAINT, DEFAULT_SAMPLER
 from pipelines.io import ImageInputError
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -77,7 +77,7 @@ def test_text2image_shapes_params_and_timings(t2i):
     p = out.params
     json.dumps(p)  # JSON-serialisable
     assert p["pipeline"] == "text2image" and p["seed"] == 1 and p["sampler"] == DEFAULT_SAMPLER == "ddpm"
-    assert p["guidance_scale"] == 3.0 and p["upsample"] is True and p["upsample_temperature"] == 0.997
+    assert p["guidance_scale"] == DEFAULT_GUIDANCE == 5.0 and p["upsample"] is True and p["upsample_temperature"] == 0.997
     assert set(p["models"]) == {"base", "upsampler"} and p["models"]["base"].startswith("base@")
     assert p["device"] == "cpu" and p["dtype"] == "float32" and p["num_threads"] == torch.get_num_threads()
     assert {"base_s", "upsample_s", "total_s", "per_image_s"} <= set(out.timings)
