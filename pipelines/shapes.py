@@ -54,7 +54,7 @@ that the image holds exactly the objects a prompt names.  The empty caption for
 classifier-free guidance is applied by the training module, not here.
 
 Public names: ``random_scene``, ``render``, ``captions``, ``detect``,
-``HELD_OUT``, ``caption_for_training``, ``caption_corpus``, ``build_tokenizer``,
+``HELD_OUT``, ``caption_for_training``, ``parse_caption_mix``, ``caption_corpus``, ``build_tokenizer``,
 ``load_tokenizer``, ``parse_prompt``, ``scene_batch``, ``inpaint_case``,
 ``sdedit_case``, ``spec_from_prompt``.
 """
@@ -529,21 +529,23 @@ CAPTION_PROBS = {"dense": 0.45, "short": 0.20, "short_bg": 0.15, "relational": 0
 DENSE_WITHOUT_BACKGROUND = 1 / 3
 
 
-def caption_for_training(spec: SceneSpec, rng) -> str:
+def caption_for_training(spec: SceneSpec, rng, probs: Optional[dict] = None) -> str:
     """A random caption of the scene for training.
 
-    Forms are drawn with ``CAPTION_PROBS`` (dense 45%, a third of them without
-    the background clause, short 20%, short with background 15%, relational
-    20%); when a scene has no relational form (one
-    or three objects) its share goes to the others in proportion.  Object order
+    Forms are drawn with ``probs`` (default ``CAPTION_PROBS``: dense 45%, a third
+    of them without the background clause, short 20%, short with background 15%,
+    relational 20%; other weights come from ``parse_caption_mix``); when a scene
+    has no relational form (one or three objects) its share goes to the others in
+    proportion (a scene whose forms all weigh 0 gets its dense caption).  Object order
     is shuffled for the listing forms, and the relational form picks one of the
     true relations and either order.  The empty caption (classifier-free
     guidance) is the training module's business.
     """
     rng = _rng(rng)
+    probs = CAPTION_PROBS if probs is None else probs
     rel = relational_captions(spec)
-    forms = [f for f in CAPTION_PROBS if f != "relational" or rel]
-    p = np.array([CAPTION_PROBS[f] for f in forms])
+    forms = [f for f in probs if (f != "relational" or rel) and probs[f] > 0] or ["dense"]
+    p = np.array([probs.get(f, 1.0) for f in forms])
     form = forms[int(rng.choice(len(forms), p=p / p.sum()))]
     if form == "relational":
         return rel[int(rng.integers(len(rel)))]
@@ -555,6 +557,26 @@ def caption_for_training(spec: SceneSpec, rng) -> str:
     if form == "short":
         return short_caption(objs)
     return short_caption(objs, spec.background)
+
+
+def parse_caption_mix(text: str) -> dict:
+    """``"dense=0.3,relational=0.5,short=0.2"`` -> caption form weights for ``caption_for_training``.
+    Forms left out weigh 0; the weights need not sum to 1. ValueError naming the problem otherwise."""
+    probs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        form, sep, weight = item.partition("=")
+        form = form.strip()
+        if not sep or form not in CAPTION_PROBS:
+            raise ValueError(f"caption mix item {item!r} is not FORM=WEIGHT with FORM one of {list(CAPTION_PROBS)}")
+        try:
+            probs[form] = float(weight)
+        except ValueError:
+            raise ValueError(f"caption mix item {item!r}: the weight must be a number") from None
+        if not probs[form] >= 0:
+            raise ValueError(f"caption mix item {item!r}: the weight must be 0 or more")
+    if not any(probs.values()):
+        raise ValueError(f"caption mix {text!r} gives no form a weight above 0")
+    return probs
 
 
 def grammar_words() -> list[str]:

@@ -247,6 +247,30 @@ def test_caption_for_training():
     assert all(forms[k] > 30 for k in ("dense", "dense_without_background", "short", "short_bg", "relational")), forms
 
 
+def test_caption_mix_weights_choose_the_training_caption_forms():
+    """Weights such as 'relational=1' (training captions leaning on one form): every two-object scene gets
+    one of its true relational captions, and a scene without one its dense caption; bad weights are refused."""
+    mix = W.parse_caption_mix("relational=1")
+    rng = np.random.default_rng(0)
+    forms = collections.Counter()
+    for i in range(200):
+        spec = W.random_scene(i)
+        cap = W.caption_for_training(spec, rng, mix)
+        assert B.check_prompt(cap, spec)["full"], cap
+        if len(spec.objects) == 2:
+            assert cap in W.relational_captions(spec)
+            forms["relational"] += 1
+        else:
+            assert any(cell in cap for cell in W.CELL_PHRASES.values()), cap
+            forms["dense"] += 1
+    assert forms["relational"] > 40 and forms["dense"] > 80, forms
+    assert W.parse_caption_mix("dense=0.3, relational=0.5,short=0.2") == {"dense": 0.3, "relational": 0.5, "short": 0.2}
+    for bad, named in (("dense", "FORM=WEIGHT"), ("long=1", "FORM=WEIGHT"), ("dense=x", "a number"),
+                       ("dense=-1", "0 or more"), ("dense=0,short=0", "no form")):
+        with pytest.raises(ValueError, match=named):
+            W.parse_caption_mix(bad)
+
+
 def test_tokenizer_round_trip(tmp_path):
     from transformers import PreTrainedTokenizerFast
 

@@ -626,10 +626,24 @@ def test_caption_part_use_finds_which_words_the_model_reads(shipped_models):
     from pipelines.bench.caption_use import CAPTION_PARTS, caption_part_use
     model = load_model(shipped_models / "base", device="cpu", dtype=torch.float32)
     (row,) = caption_part_use(model, items=8, timesteps=(700,))
-    assert row["color"] > 0.05 and set(CAPTION_PARTS) <= row.keys()
+    assert row["color"] > 0.05 and {*CAPTION_PARTS, "relation"} <= row.keys()
     cut_text_from_image(model)
     (row,) = caption_part_use(model, items=8, timesteps=(700,))
-    assert all(row[part] == 0.0 for part in CAPTION_PARTS)
+    assert all(row[part] == 0.0 for part in (*CAPTION_PARTS, "relation"))
+
+
+def test_relation_part_says_the_opposite_relation():
+    """The relation column's wrong caption is the true one with the opposite relation, which is false."""
+    from pipelines.bench.caption_use import _relation_flipped
+    from pipelines.bench.shapes import check_prompt
+    rng = np.random.default_rng(5)
+    flipped = 0
+    while flipped < 20:
+        spec = shapes.random_scene(rng)
+        for caption in shapes.relational_captions(spec):
+            wrong = _relation_flipped(caption)
+            assert wrong != caption and check_prompt(wrong, spec)["relation"] is False, (caption, wrong)
+            flipped += 1
 
 
 def test_caption_use_measures_at_the_noise_levels_asked_for(shipped_models, capsys):
@@ -708,7 +722,9 @@ def test_training_cli_names_bad_devices_configs_and_init_files(tmp_path, capsys)
              (["pretrain", "--model-config", "[1]"], "JSON object"),
              (["pretrain", "--model-config", '{"num_channels": 0}'], "at least 1"),
              (["pretrain", "--model-config", '{"num_head_channels": 7}'], "cannot be built"),
-             (["finetune-inpaint", "--init", str(model_file)], "not a model folder")]
+             (["finetune-inpaint", "--init", str(model_file)], "not a model folder"),
+             (["pretrain", "--captions", "longest"], "unknown caption form"),
+             (["pretrain", "--captions", "dense=0.5,relational=lots"], "must be a number")]
     for argv, message in cases:
         assert main([*argv, "--out", str(tmp_path / "r"), "--max-steps", "1", "--quiet"]) == 2, argv
         err = capsys.readouterr().err

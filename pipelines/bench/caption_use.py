@@ -11,7 +11,9 @@ The training log's caption_gain is the first ratio averaged over random t. A mod
 its text shows a large gain vs empty at mid-to-high t (where layout and colour are decided).
 With --parts it asks which words of a dense caption the model reads: per t, how much the error rises
 when one kind of word (every object's colour, shape, size or cell, or the background) is replaced by
-a wrong one of its kind, the rest of the caption kept. A rise near 0 means those words are ignored.
+a wrong one of its kind, the rest of the caption kept, and (column "relation", on as many two-object
+scenes) when a true relational caption says the opposite ("left of" for "right of", "above" for
+"below"). A rise near 0 means those words are ignored.
 """
 
 from __future__ import annotations
@@ -79,29 +81,58 @@ def _dense_with_wrong(spec: shapes.SceneSpec, part: str, rng: np.random.Generato
     return shapes.dense_caption(objects, spec.background)
 
 
-@torch.no_grad()
-def caption_part_use(model, items: int, timesteps=TIMESTEPS, seed: int = 123) -> list[dict]:
-    """Per timestep: the relative rise of the error when each part of the dense caption is made wrong."""
-    rng = np.random.default_rng(seed)
-    specs = [shapes.random_scene(rng) for _ in range(items)]
+OPPOSITE_RELATION = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+
+
+def _relation_flipped(caption: str) -> str:
+    """A true relational caption with its relation turned to the opposite one, which is then false."""
+    for key, phrase in shapes.RELATIONS.items():
+        if f" {phrase} " in caption:
+            return caption.replace(f" {phrase} ", f" {shapes.RELATIONS[OPPOSITE_RELATION[key]]} ", 1)
+    raise ValueError(f"no relation in {caption!r}")
+
+
+def _part_errors(model, specs, captions: dict, timesteps, seed: int) -> list[dict]:
+    """Per timestep, the mse of the rendered `specs` noised with a fixed noise, under each list of captions."""
     x0 = torch.tensor(np.stack([shapes.render_array(s, model.config.image_size) for s in specs]))
     x0 = (x0.permute(0, 3, 1, 2).float() / 127.5 - 1).to(model.device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(model.device)
-    captions = {"own": [shapes.dense_caption(s.objects, s.background) for s in specs],
-                **{part: [_dense_with_wrong(s, part, rng) for s in specs] for part in CAPTION_PARTS}}
     conditions = {}
     for name, caps in captions.items():
         batch = model.info.tokenizer(caps, model.config.text_ctx).to(model.device)
         conditions[name] = (batch.tokens, batch.mask)
-    return [{"t": t, "own": mse["own"], **{part: mse[part] / mse["own"] - 1 for part in CAPTION_PARTS}}
-            for t, mse in zip(timesteps, _errors(model, x0, noise, conditions, timesteps))]
+    return _errors(model, x0, noise, conditions, timesteps)
+
+
+@torch.no_grad()
+def caption_part_use(model, items: int, timesteps=TIMESTEPS, seed: int = 123) -> list[dict]:
+    """Per timestep: the relative rise of the error when each part of the dense caption is made wrong, and
+    (on `items` two-object scenes with a relational caption) when the relation is turned to its opposite."""
+    rng = np.random.default_rng(seed)
+    specs = [shapes.random_scene(rng) for _ in range(items)]
+    captions = {"own": [shapes.dense_caption(s.objects, s.background) for s in specs],
+                **{part: [_dense_with_wrong(s, part, rng) for s in specs] for part in CAPTION_PARTS}}
+    dense = _part_errors(model, specs, captions, timesteps, seed)
+    pairs = []
+    while len(pairs) < items:
+        spec = shapes.random_scene(rng)
+        if len(spec.objects) == 2:
+            pairs.append(spec)
+    true_captions = [shapes.relational_captions(s) for s in pairs]
+    own = [caps[int(rng.integers(len(caps)))] for caps in true_captions]
+    relational = _part_errors(model, pairs, {"own": own, "relation": [_relation_flipped(c) for c in own]},
+                              timesteps, seed)
+    return [{"t": t, "own": mse["own"], **{part: mse[part] / mse["own"] - 1 for part in CAPTION_PARTS},
+             "relation": rel["relation"] / rel["own"] - 1}
+            for t, mse, rel in zip(timesteps, dense, relational)]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="models folder or base model folder (default: the shipped models)")
     ap.add_argument("--items", type=int, default=32)
-    ap.add_argument("--captions", default="short", help="shapes caption form: mix | dense | short | short_bg")
+    ap.add_argument("--captions", default="short", help="shapes caption form: mix | dense | short | short_bg, or form weights "
+                                                         "such as 'dense=0.3,relational=0.5,short=0.2'")
     ap.add_argument("--parts", action="store_true",
                     help="which words of a dense caption are read: error rise with each kind made wrong")
     ap.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
@@ -119,9 +150,10 @@ def main(argv=None) -> None:
     if args.parts:
         print(f"{model.info.name} ({model.info.source}), {args.items} scenes, dense captions; "
               "error rise with each part wrong")
-        print(f"{'t':>5} {'own':>9} " + " ".join(f"{p:>10}" for p in CAPTION_PARTS))
+        columns = (*CAPTION_PARTS, "relation")
+        print(f"{'t':>5} {'own':>9} " + " ".join(f"{p:>10}" for p in columns))
         for r in caption_part_use(model, args.items, timesteps):
-            print(f"{r['t']:>5} {r['own']:9.5f} " + " ".join(f"{r[p]:>+9.1%} " for p in CAPTION_PARTS))
+            print(f"{r['t']:>5} {r['own']:9.5f} " + " ".join(f"{r[p]:>+9.1%} " for p in columns))
         return
     print(f"{model.info.name} ({model.info.source}), {args.items} scenes, {args.captions} captions")
     print(f"{'t':>5} {'own':>9} {'another':>9} {'empty':>9} {'gain vs another':>16} {'gain vs empty':>14}")

@@ -34,7 +34,8 @@ OPTIONS = [
     ("--tokenizer", "tokenizer", "an existing tokenizer.json ('' = build the shapes tokenizer)"),
     ("--data", "data", "'shapes' (generated on the fly) or a folder of images with captions "
                        "(image.png + image.txt, or captions.jsonl)"),
-    ("--captions", "captions", "shapes caption form: mix | dense | short | short_bg"),
+    ("--captions", "captions", "shapes caption form: mix | dense | short | short_bg, or weights of the mix's "
+                               "forms (dense, short, short_bg, relational), e.g. 'dense=0.3,relational=0.5,short=0.2'"),
     ("--caption-drop", "caption_drop", "fraction of empty captions (classifier-free guidance)"),
     ("--offset-noise", "offset_noise", "scale of the per-image, per-channel noise offset (0 = plain noise; 0.1 "
                                        "lets backgrounds follow the caption when sampling starts below t = 999)"),

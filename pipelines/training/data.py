@@ -63,10 +63,17 @@ class ShapesSource:
     """The procedural shapes world (pipelines.shapes), rendered on the fly at `size`."""
 
     def __init__(self, size: int, captions: str = "mix"):
-        if captions not in CAPTION_FORMS:
-            raise DataError(f"unknown caption form {captions!r}; choose one of {list(CAPTION_FORMS)}")
         self.size = size
         self.captions = captions
+        self.mix = None  # caption form weights for caption_for_training, when captions is a weighted mix
+        if "=" in captions:
+            try:
+                self.mix = shapes.parse_caption_mix(captions)
+            except ValueError as e:
+                raise DataError(f"{e}; or give one caption form of {list(CAPTION_FORMS)}") from None
+        elif captions not in CAPTION_FORMS:
+            raise DataError(f"unknown caption form {captions!r}; choose one of {list(CAPTION_FORMS)}, "
+                            "or weights such as 'dense=0.3,relational=0.5,short=0.2'")
         self.skipped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
@@ -78,8 +85,8 @@ class ShapesSource:
     def example(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         spec = shapes.random_scene(rng, held_out=False)
         image = shapes.render_array(spec, self.size)
-        if self.captions == "mix":
-            caption = shapes.caption_for_training(spec, rng)
+        if self.captions == "mix" or self.mix is not None:
+            caption = shapes.caption_for_training(spec, rng, self.mix)
         else:
             caption = shapes.captions(spec)[self.captions]
         return image, caption

@@ -110,7 +110,7 @@ class TrainConfig:
     tokenizer: str = ""  # an existing tokenizer.json; "" = build the shapes tokenizer
     # data
     data: str = "shapes"  # "shapes" or a folder of captioned images
-    captions: str = "mix"  # shapes captions: mix | dense | short | short_bg (PixArt-α staging: short, then dense)
+    captions: str = "mix"  # shapes: mix | dense | short | short_bg | "dense=0.3,relational=0.5" (form weights)
     caption_drop: float = 0.2  # GLIDE §4.2: 20% empty captions for classifier-free guidance
     # "Offset noise" (Guttenberg 2023): the training noise gets offset_noise * N(0, 1) more per image and
     # channel. Why: samplers start from zero-mean noise at a kept t < 999 (ddim15: t = 938, alpha-bar 0.009)
