@@ -131,8 +131,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="models folder or base model folder (default: the shipped models)")
     ap.add_argument("--items", type=int, default=32)
-    ap.add_argument("--captions", default="short", help="shapes caption form: mix | dense | short | short_bg, or form weights "
-                                                         "such as 'dense=0.3,relational=0.5,short=0.2'")
+    ap.add_argument("--captions", default="short",
+                    help="shapes caption form: mix | dense | short | short_bg, or form weights such as "
+                         "'dense=0.3,relational=0.5,short=0.2'")
     ap.add_argument("--parts", action="store_true",
                     help="which words of a dense caption are read: error rise with each kind made wrong")
     ap.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)),
