@@ -65,8 +65,10 @@ class ShapesSource:
     def __init__(self, size: int, captions: str = "mix"):
         self.size = size
         self.captions = captions
-        self.mix = None  # caption form weights for caption_for_training, when captions is a weighted mix
-        if "=" in captions:
+        self.mix = None  # caption form weights for caption_for_training; None = the one form `captions` names
+        if captions == "mix":
+            self.mix = shapes.CAPTION_PROBS
+        elif "=" in captions:
             try:
                 self.mix = shapes.parse_caption_mix(captions)
             except ValueError as e:
@@ -85,7 +87,7 @@ class ShapesSource:
     def example(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
         spec = shapes.random_scene(rng, held_out=False)
         image = shapes.render_array(spec, self.size)
-        if self.captions == "mix" or self.mix is not None:
+        if self.mix is not None:
             caption = shapes.caption_for_training(spec, rng, self.mix)
         else:
             caption = shapes.captions(spec)[self.captions]
