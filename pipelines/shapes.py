@@ -386,16 +386,8 @@ def render_array(spec: SceneSpec, size: int = 64, noise: bool = True) -> np.ndar
     blur = SHADOW_BLUR * S
     layers = []
     for o in spec.objects:
-        poly = _UNIT_POLY[o.shape] * o.scale + o.center
-        bx0, by0, bx1, by1 = o.bbox()
-        m = off + 3 * blur
-        x0 = max(0, int(math.floor(bx0 * S)) - 1)
-        y0 = max(0, int(math.floor(by0 * S)) - 1)
-        x1 = min(S, int(math.ceil(bx1 * S + m)) + 1)
-        y1 = min(S, int(math.ceil(by1 * S + m)) + 1)
+        x0, y0, x1, y1, cov = _object_coverage(o, S, ss, margin=off + 3 * blur)
         w, h = x1 - x0, y1 - y0
-        miter = _UNIT_MITER[o.shape]
-        cov = _coverage(poly, S, ss, x0, y0, w, h, miter)
         # the shadow: the coverage moved by the offset (bilinear), then blurred
         shift = np.float32([[1, 0, off], [0, 1, off]])
         shadow = cv2.warpAffine(cov, shift, (w, h), flags=cv2.INTER_LINEAR,
@@ -411,6 +403,31 @@ def render_array(spec: SceneSpec, size: int = 64, noise: bool = True) -> np.ndar
     np.clip(img, 0, 255, out=img)
     img += 0.5
     return img.astype(np.uint8)
+
+
+def _object_coverage(o: ShapeObject, S: int, ss: int, margin: float = 0.0):
+    """(x0, y0, x1, y1, coverage) of an object over its pixel window on an S canvas, the window grown by
+    `margin` pixels to the right and below (room for the shadow)."""
+    poly = _UNIT_POLY[o.shape] * o.scale + o.center
+    bx0, by0, bx1, by1 = o.bbox()
+    x0 = max(0, int(math.floor(bx0 * S)) - 1)
+    y0 = max(0, int(math.floor(by0 * S)) - 1)
+    x1 = min(S, int(math.ceil(bx1 * S + margin)) + 1)
+    y1 = min(S, int(math.ceil(by1 * S + margin)) + 1)
+    return x0, y0, x1, y1, _coverage(poly, S, ss, x0, y0, x1 - x0, y1 - y0, _UNIT_MITER[o.shape])
+
+
+def object_masks(spec: SceneSpec, size: int = 64) -> np.ndarray:
+    """(objects, size, size) float32: the fraction of each pixel where each object shows (objects drawn
+    later cover earlier ones, as ``render_array`` paints them); shadows are not part of an object."""
+    S = int(size)
+    ss = _supersample(S)
+    masks = np.zeros((len(spec.objects), S, S), np.float32)
+    for k, o in enumerate(spec.objects):
+        x0, y0, x1, y1, cov = _object_coverage(o, S, ss)
+        masks[:k] *= 1 - np.pad(cov, ((y0, S - y1), (x0, S - x1)))[None]
+        masks[k, y0:y1, x0:x1] = cov
+    return masks
 
 
 def render(spec: SceneSpec, size: int = 64) -> Image.Image:
@@ -460,15 +477,25 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _np(o: ShapeObject, size: bool = False) -> str:
+# A caption is built as segments (text, index of the scene object the text names, or -1), so that training
+# can tell which words describe which object (grounding: tagged_caption_for_training).
+Segments = list[tuple[str, int]]
+
+
+def _text(segments: Segments) -> str:
+    return "".join(text for text, _ in segments)
+
+
+def _np_segments(o: ShapeObject, index: int, size: bool = False) -> Segments:
     words = ([o.size] if size else []) + [o.color, o.shape]
-    return f"{_article(words[0])} {' '.join(words)}"
+    return [(_article(words[0]) + " ", -1), (" ".join(words), index)]
 
 
-def _join(parts: Sequence[str]) -> str:
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+def _join(parts: Sequence[Segments]) -> Segments:
+    out = list(parts[0])
+    for k, part in enumerate(parts[1:], 1):
+        out += [(" and " if k == len(parts) - 1 else ", ", -1), *part]
+    return out
 
 
 def _relation(a: ShapeObject, b: ShapeObject) -> list[str]:
@@ -486,26 +513,43 @@ def _relation(a: ShapeObject, b: ShapeObject) -> list[str]:
     return rels
 
 
+def _dense_segments(objects: Sequence[ShapeObject], indices: Sequence[int], background: Optional[str]) -> Segments:
+    parts = []
+    for o, i in zip(objects, indices):
+        # the cell's name ends its phrase ("at the top left"): those words name the object's place
+        lead = CELL_PHRASES[o.cell][:-len(o.cell)]
+        parts.append([*_np_segments(o, i, size=True), (" " + lead, -1), (o.cell, i)])
+    out = _join(parts)
+    return out if background is None else out + [(f", on {_article(background)} {background} background", -1)]
+
+
+def _short_segments(objects: Sequence[ShapeObject], indices: Sequence[int], background: Optional[str]) -> Segments:
+    out = _join([_np_segments(o, i) for o, i in zip(objects, indices)])
+    return out if background is None else out + [(f" on {_article(background)} {background} background", -1)]
+
+
+def _relational_segments(spec: SceneSpec) -> list[Segments]:
+    if len(spec.objects) != 2:
+        return []
+    out = []
+    for i, j in ((0, 1), (1, 0)):
+        a, b = spec.objects[i], spec.objects[j]
+        for rel in _relation(a, b):
+            out.append([*_np_segments(a, i), (f" {RELATIONS[rel]} ", -1), *_np_segments(b, j)])
+    return out
+
+
 def dense_caption(objects: Sequence[ShapeObject], background: Optional[str] = None) -> str:
-    parts = [f"{_np(o, size=True)} {CELL_PHRASES[o.cell]}" for o in objects]
-    s = _join(parts)
-    return s if background is None else f"{s}, on {_article(background)} {background} background"
+    return _text(_dense_segments(objects, range(len(objects)), background))
 
 
 def short_caption(objects: Sequence[ShapeObject], background: Optional[str] = None) -> str:
-    s = _join([_np(o) for o in objects])
-    return s if background is None else f"{s} on {_article(background)} {background} background"
+    return _text(_short_segments(objects, range(len(objects)), background))
 
 
 def relational_captions(spec: SceneSpec) -> list[str]:
     """Every true relational caption of a two-object scene (both orders)."""
-    if len(spec.objects) != 2:
-        return []
-    out = []
-    for a, b in ((spec.objects[0], spec.objects[1]), (spec.objects[1], spec.objects[0])):
-        for rel in _relation(a, b):
-            out.append(f"{_np(a)} {RELATIONS[rel]} {_np(b)}")
-    return out
+    return [_text(seg) for seg in _relational_segments(spec)]
 
 
 def captions(spec: SceneSpec) -> dict:
@@ -541,22 +585,36 @@ def caption_for_training(spec: SceneSpec, rng, probs: Optional[dict] = None) -> 
     true relations and either order.  The empty caption (classifier-free
     guidance) is the training module's business.
     """
+    return tagged_caption_for_training(spec, rng, probs)[0]
+
+
+def tagged_caption_for_training(spec: SceneSpec, rng, probs: Optional[dict] = None
+                                ) -> tuple[str, list[tuple[int, int, int]]]:
+    """``caption_for_training`` (the same draws, the same caption) and the words that name each object:
+    (start, end, object index) character spans of its size, colour and shape words and of its cell's name
+    ("top left"), in caption order."""
     rng = _rng(rng)
     probs = CAPTION_PROBS if probs is None else probs
-    rel = relational_captions(spec)
+    rel = _relational_segments(spec)
     forms = [f for f in probs if (f != "relational" or rel) and probs[f] > 0] or ["dense"]
     p = np.array([probs.get(f, 1.0) for f in forms])
     form = forms[int(rng.choice(len(forms), p=p / p.sum()))]
     if form == "relational":
-        return rel[int(rng.integers(len(rel)))]
-    objs = list(spec.objects)
-    order = rng.permutation(len(objs))
-    objs = [objs[i] for i in order]
-    if form == "dense":
-        return dense_caption(objs, None if rng.random() < DENSE_WITHOUT_BACKGROUND else spec.background)
-    if form == "short":
-        return short_caption(objs)
-    return short_caption(objs, spec.background)
+        segments = rel[int(rng.integers(len(rel)))]
+    else:
+        order = [int(i) for i in rng.permutation(len(spec.objects))]
+        objs = [spec.objects[i] for i in order]
+        if form == "dense":
+            background = None if rng.random() < DENSE_WITHOUT_BACKGROUND else spec.background
+            segments = _dense_segments(objs, order, background)
+        else:
+            segments = _short_segments(objs, order, spec.background if form == "short_bg" else None)
+    spans, start = [], 0
+    for text, index in segments:
+        if index >= 0:
+            spans.append((start, start + len(text), index))
+        start += len(text)
+    return _text(segments), spans
 
 
 def parse_caption_mix(text: str) -> dict:

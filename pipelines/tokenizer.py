@@ -84,23 +84,30 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf.get_vocab())
 
-    def _pieces(self, prompt: str) -> list[tuple[int, str]]:
-        """(token id, the prompt text it came from) for each token."""
+    def _pieces(self, prompt: str) -> list[tuple[int, str, tuple[int, int]]]:
+        """(token id, the prompt text it came from, that text's (start, end) in the prompt) for each token."""
         text = prompt.lower() if self.lowercase else prompt
         enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [(i, text[a:b]) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [(i, text[a:b], (a, b)) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
 
     def _is_unknown(self, token_id: int) -> bool:
         return self.unk_id is not None and token_id == self.unk_id
 
-    def encode(self, prompt: str) -> list[int]:
+    def _kept(self, prompt: str) -> list[tuple[int, str, tuple[int, int]]]:
         # Punctuation a word-level vocabulary lacks (a full stop, say) is dropped: as [UNK] it would be a token
         # the model never saw in training, and "a red circle." should mean "a red circle".
-        return [i for i, piece in self._pieces(prompt) if not (self._is_unknown(i) and not _has_word(piece))]
+        return [p for p in self._pieces(prompt) if not (self._is_unknown(p[0]) and not _has_word(p[1]))]
+
+    def encode(self, prompt: str) -> list[int]:
+        return [i for i, _, _ in self._kept(prompt)]
+
+    def token_spans(self, prompt: str) -> list[tuple[int, int]]:
+        """The (start, end) character span in `prompt` of each token `encode` returns."""
+        return [span for _, _, span in self._kept(prompt)]
 
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` outside the vocabulary (read as [UNK]), in order, each once."""
-        words = [piece for i, piece in self._pieces(prompt) if self._is_unknown(i) and _has_word(piece)]
+        words = [piece for i, piece, _ in self._pieces(prompt) if self._is_unknown(i) and _has_word(piece)]
         return list(dict.fromkeys(words))
 
     def known_words(self) -> list[str]:

@@ -3,6 +3,7 @@
 minute on two cores."""
 
 import collections
+import dataclasses
 import json
 import time
 
@@ -269,6 +270,40 @@ def test_caption_mix_weights_choose_the_training_caption_forms():
                        ("dense=-1", "0 or more"), ("dense=0,short=0", "no form")):
         with pytest.raises(ValueError, match=named):
             W.parse_caption_mix(bad)
+
+
+def test_tagged_captions_are_the_training_captions_with_each_objects_words_marked():
+    """tagged_caption_for_training draws what caption_for_training draws, and its spans cover the words that
+    name each object: size, colour and shape, and the name of its cell; nothing else (articles, relation
+    words, the background)."""
+    mix = W.parse_caption_mix("dense=1,short=0.5,short_bg=0.5,relational=1")
+    for i in range(300):
+        spec = W.random_scene(i)
+        cap = W.caption_for_training(spec, np.random.default_rng(i), mix)
+        tagged, spans = W.tagged_caption_for_training(spec, np.random.default_rng(i), mix)
+        assert tagged == cap
+        named = collections.defaultdict(list)
+        for start, end, k in spans:
+            o = spec.objects[k]
+            assert cap[start:end] in (f"{o.color} {o.shape}", f"{o.size} {o.color} {o.shape}", o.cell), cap
+            named[k].append(cap[start:end])
+        assert set(named) == set(range(len(spec.objects))), cap
+        assert sum(len(v) for v in named.values()) in (2 * len(spec.objects), len(spec.objects), 2), cap
+        assert sum(end - start for start, end, _ in spans) < len(cap)
+
+
+def test_object_masks_show_where_each_object_is_drawn():
+    for i in range(50):
+        spec = W.random_scene(i)
+        masks = W.object_masks(spec, 64)
+        assert masks.shape == (len(spec.objects), 64, 64) and masks.min() >= 0 and masks.sum(0).max() <= 1 + 1e-6
+        image = W.render_array(spec, 64, noise=False)
+        plain = W.render_array(dataclasses.replace(spec, objects=[]), 64, noise=False)
+        for k, o in enumerate(spec.objects):  # where an object covers a pixel wholly, the pixel is its colour
+            assert (masks[k] > 0.99).any() or k < len(spec.objects) - 1  # the last drawn is never covered
+            assert np.abs(image[masks[k] > 0.99].astype(int) - W.COLORS[o.color]).max(initial=0) <= 1
+        # where most of a pixel is an object, the picture differs from the empty scene's
+        assert (np.abs(image.astype(int) - plain).max(-1)[masks.sum(0) > 0.5] > 0).all()
 
 
 def test_tokenizer_round_trip(tmp_path):

@@ -267,3 +267,13 @@ def test_gpt2_gz_files(gpt2_folder, tmp_path):
             shutil.copyfileobj(src, dst)
     tok = PromptTokenizer.from_gpt2_files(tmp_path)
     assert tok(["an oil painting of a corgi"], 128).tokens[0, :8].tolist() == REFERENCE_IDS + [50256]
+
+
+
+def test_token_spans_point_at_the_words_encode_keeps(tmp_path):
+    write_word_level(tmp_path / "tokenizer.json", ["a", "red", "circle", "left", "of", ","])
+    tok = PromptTokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+    prompt = "A red blob, left of a Circle."
+    spans = tok.token_spans(prompt)
+    assert len(spans) == len(tok.encode(prompt))  # the full stop is dropped from both
+    assert [prompt[a:b] for a, b in spans] == ["A", "red", "blob", ",", "left", "of", "a", "Circle"]

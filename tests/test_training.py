@@ -26,12 +26,12 @@ from PIL import Image
 
 from pipelines import load_model, shapes
 from pipelines.checkpoints import CheckpointError, save_model
-from pipelines.diffusion import make_schedule
-from pipelines.models.glide import GlideConfig, GlideUNet
+from pipelines.diffusion import grounding_loss, make_schedule
+from pipelines.models.glide import AttentionBlock, GlideConfig, GlideUNet
 from pipelines.tokenizer import PromptTokenizer
 from pipelines.training import TrainingDataset, ShapesSource, load_checkpoint, random_mask, run, widen_for_inpainting
 from pipelines.training.__main__ import build_parser
-from pipelines.training.data import make_loader
+from pipelines.training.data import make_loader, sample_rng
 from pipelines.training.graft import graft_update, main as main_graft
 from pipelines.training.relabel import main as main_relabel
 from pipelines.training.widen import FIRST_CONV
@@ -94,22 +94,27 @@ def read_log(out: Path) -> list[dict]:
 # --------------------------------------------------------------------------- the loss and the widening
 
 
+def fit_fixed_batch(model, dataset, items: int, steps: int, **loss_options) -> list[dict]:
+    """`steps` AdamW steps on the first `items` of `dataset` with the same t and noise each time: the losses."""
+    inputs = to_model_inputs(torch.utils.data.default_collate([dataset[i] for i in range(items)]), torch.device("cpu"))
+    schedule = make_schedule("squaredcos_cap_v2")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(steps):
+        torch.manual_seed(0)
+        out = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(1), contextlib.nullcontext(),
+                             **loss_options)
+        optimizer.zero_grad()
+        out["loss"].mean().backward()
+        optimizer.step()
+        history.append({k: v.mean().item() for k, v in out.items()})
+    return history
+
+
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tokenizer_file):
     tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
     model = tiny_model("tiny", tok.vocab_size, perturb=False).train()
-    dataset = TrainingDataset(ShapesSource(16), tok, 48, seed=0)
-    inputs = to_model_inputs(torch.utils.data.default_collate([dataset[i] for i in range(8)]), torch.device("cpu"))
-    schedule = make_schedule("squaredcos_cap_v2")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(25):
-        torch.manual_seed(0)
-        out = compute_losses(model, inputs, schedule, torch.Generator().manual_seed(1), contextlib.nullcontext())
-        loss = out["loss"].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = [h["loss"] for h in fit_fixed_batch(model, TrainingDataset(ShapesSource(16), tok, 48, seed=0), 8, 25)]
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.6 * losses[0], losses
 
@@ -123,6 +128,72 @@ def noise_test_setup(tokenizer_file):
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), args[1].clone())))
     return model, inputs, make_schedule("squaredcos_cap_v2"), contextlib.nullcontext(), seen
+
+
+def test_grounding_loss_is_the_share_of_a_named_tokens_attention_outside_its_object():
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: the top-left quarter
+    masks[0, 1, 2:, 2:] = 1  # object 1: the bottom-right quarter
+    objects = torch.tensor([[-1, 0, 1, -1]])  # token 1 names object 0, token 2 object 1
+    weights = torch.zeros(1, 4, 4, 4)
+    weights[0, 1, :2, :2] = 0.25  # token 1 attended only on its object
+    weights[0, 2] = 1 / 16  # token 2 everywhere: three quarters of it outside
+    weights[0, 0] = weights[0, 3] = 1.0  # tokens that name nothing do not count
+    torch.testing.assert_close(grounding_loss([weights], objects, masks), torch.tensor([(0 + 0.75) / 2]))
+    coarse = weights.reshape(1, 4, 2, 2, 2, 2).sum((3, 5))  # a 2x2 layer: the masks are area-averaged to it
+    torch.testing.assert_close(grounding_loss([weights, coarse], objects, masks), torch.tensor([0.375]))
+    assert grounding_loss([weights], torch.full((1, 4), -1), masks).item() == 0  # a dropped caption
+
+
+def test_grounded_items_name_each_objects_words_and_leave_the_data_as_it_was(tokenizer_file):
+    tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
+    source = ShapesSource(32, "dense=1,relational=1,short=0.5,short_bg=0.5")
+    grounded = TrainingDataset(source, tok, 48, seed=3, grounding=True)
+    plain = TrainingDataset(source, tok, 48, seed=3)
+    vocab = {i: w for w, i in tok.hf.get_vocab().items()}
+    named = 0
+    for i in range(40):
+        g, p = grounded[i], plain[i]
+        assert torch.equal(g["image"], p["image"]) and torch.equal(g["tokens"], p["tokens"])
+        spec = shapes.random_scene(sample_rng(3, i), held_out=False)  # the item's scene: its first draw
+        assert g["object_masks"].shape == (3, 32, 32) and g["object_masks"].dtype == torch.uint8
+        for k, o in enumerate(spec.objects):  # each mask lies on its object's centre (unless covered later)
+            x, y = (int(c * 32) for c in o.center)
+            covered = any(b.bbox()[0] <= o.center[0] <= b.bbox()[2] and b.bbox()[1] <= o.center[1] <= b.bbox()[3]
+                          for b in spec.objects[k + 1:])
+            assert covered or g["object_masks"][k, y, x] > 128
+        assert not g["object_masks"][len(spec.objects):].any()
+        for token, obj in zip(g["tokens"][g["token_mask"]].tolist(), g["token_objects"].tolist()):
+            if obj >= 0:
+                o = spec.objects[obj]
+                assert vocab[token] in {o.size, o.color, o.shape, *o.cell.split()}, (vocab[token], o)
+                named += 1
+            else:
+                assert vocab[token] not in shapes.SHAPES  # every shape word names its object
+    assert named > 100
+    with pytest.raises(ValueError, match="mix"):
+        TrainingDataset(ShapesSource(32, "dense"), tok, 48, seed=0, grounding=True)[0]
+
+
+def test_grounding_moves_each_named_words_attention_onto_its_object_and_is_recorded(tmp_path, tokenizer_file):
+    tok = PromptTokenizer.from_tokenizer_json(tokenizer_file)
+    model = tiny_model("tiny", tok.vocab_size, perturb=False).train()
+    for block in model.modules():
+        if isinstance(block, AttentionBlock):
+            block.keep_text_attention = True
+    dataset = TrainingDataset(ShapesSource(16, "dense=1"), tok, 48, seed=0, caption_drop=0.0, grounding=True)
+    ground = [h["ground"] for h in fit_fixed_batch(model, dataset, 16, 30, grounding_weight=1.0)]
+    assert ground[-1] < 0.7 * ground[0], ground  # at the start a word's attention is spread over the image
+
+    common = {**TINY, "tokenizer": str(tokenizer_file), "max_steps": 2, "captions": "dense=1,relational=1"}
+    result = run("pretrain", **common, grounding_weight=0.05, out=str(tmp_path / "grounded"))
+    assert load_model(result.model_dir, device="cpu").info.training["grounding_weight"] == 0.05
+    assert all(0 <= r["ground"] <= 1 for r in read_log(tmp_path / "grounded") if "loss" in r)
+    for bad, message in [({"grounding_weight": -1.0}, "--grounding-weight must be"),
+                         ({"grounding_weight": 0.05, "captions": "dense"}, "--grounding-weight needs"),
+                         ({"grounding_weight": 0.05, "data": str(tmp_path)}, "--grounding-weight needs")]:
+        with pytest.raises(ValueError, match=message):
+            run("pretrain", **{**common, **bad}, out=str(tmp_path / "bad"))
 
 
 def test_offset_noise_moves_each_image_and_channel_and_is_recorded(tmp_path, tokenizer_file):

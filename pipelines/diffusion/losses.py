@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .schedule import Schedule, SpacedProcess, _take, split_model_output
 
@@ -91,3 +92,28 @@ def training_losses(
         weight = _take(np.minimum(1.0 / schedule.alphas_cumprod, high_noise_weight), t, mse)
         return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
     return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def grounding_loss(text_attention: list[torch.Tensor], token_objects: torch.Tensor,
+                   object_masks: torch.Tensor) -> torch.Tensor:
+    """Token-level grounding loss (TokenCompose, Wang et al. 2024), per example [B]: over the tokens whose
+    word names an object, the mean share of the token's attention that falls outside that object,
+    1 - sum_p A(p) M(p) / sum_p A(p), averaged over attention layers; 0 for an example without such tokens.
+
+    text_attention: per layer (B, tokens, H, W) weights; token_objects: (B, tokens) object index or -1;
+    object_masks: (B, objects, S, S) coverage in [0, 1], area-averaged to each layer's H x W.
+    """
+    named = (token_objects >= 0).float()
+    index = token_objects.clamp(min=0)
+    per_layer, resized = [], {}
+    for weights in text_attention:
+        hw = weights.shape[-2:]
+        if hw not in resized:
+            masks = object_masks.float()
+            if masks.shape[-2:] != hw:
+                masks = F.interpolate(masks, hw, mode="area")
+            resized[hw] = torch.gather(masks, 1, index[..., None, None].expand(-1, -1, *hw))  # (B, tokens, H, W)
+        weights = weights.float()
+        inside = (weights * resized[hw]).sum((-2, -1)) / weights.sum((-2, -1)).clamp(min=1e-8)
+        per_layer.append(((1 - inside) * named).sum(1) / named.sum(1).clamp(min=1))
+    return torch.stack(per_layer).mean(0)

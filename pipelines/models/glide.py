@@ -302,8 +302,13 @@ class AttentionBlock(nn.Module):
     """Self-attention over pixels; the text tokens' keys/values are prepended to the pixels' (GLIDE §4.1).
     With `pos_emb`, the pixels' queries, keys and values also see where each pixel is (GlideConfig)."""
 
+    # Training with a grounding loss (TrainConfig.grounding_weight) sets this to read where each token is
+    # attended: text_attention, (B, tokens, H, W), the text part of the attention weights, heads averaged.
+    keep_text_attention = False
+
     def __init__(self, channels, num_heads, num_head_channels, encoder_channels, pos_emb=False):
         super().__init__()
+        self.text_attention = None
         self.heads = channels // num_head_channels if num_head_channels != -1 else num_heads
         assert channels % self.heads == 0, f"{channels} channels do not split into {self.heads} heads"
         self.norm = GroupNorm32(channels, swish=False)
@@ -323,8 +328,13 @@ class AttentionBlock(nn.Module):
         ekv = self.encoder_kv(encoder_out)  # (B, 2C, S), per head [k|v]
         ek, ev = ekv.reshape(B, heads, 2 * C // heads, -1).transpose(2, 3).chunk(2, dim=-1)  # (B, nh, S, hs)
         k, v = torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
-        # SDPA's fused CPU kernel needs unit stride in the last dim (else it falls back to the slow math path)
-        h = F.scaled_dot_product_attention(q.contiguous(), k, v)  # (B, nh, T, hs)
+        if self.keep_text_attention:
+            weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # (B, nh, T, S + T)
+            self.text_attention = weights[..., :ek.shape[2]].mean(1).transpose(1, 2).reshape(B, -1, H, W)
+            h = weights @ v
+        else:
+            # SDPA's fused CPU kernel needs unit stride in the last dim (else it falls back to the slow math path)
+            h = F.scaled_dot_product_attention(q.contiguous(), k, v)  # (B, nh, T, hs)
         h = self.proj_out(h.transpose(2, 3).reshape(B, C, H * W))
         return x + h.reshape(B, C, H, W)
 

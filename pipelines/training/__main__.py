@@ -48,6 +48,9 @@ OPTIONS = [
     ("--high-noise-weight", "high_noise_weight", "weight each example's eps loss by min(1 / alpha-bar_t, this) "
                                                  "(1 = GLIDE's plain loss; 20 made colour, size and background "
                                                  "words count at high noise; positions not yet)"),
+    ("--grounding-weight", "grounding_weight", "weight of a token-level grounding loss (TokenCompose): words "
+                                               "that name an object are pushed to be attended where it is "
+                                               "(0 = off; shapes data with a caption mix only)"),
     ("--min-image-size", "min_image_size", "folder data: skip images with a smaller short side (0 = size/2)"),
     ("--masks", "masks", "finetune-inpaint mask mix, e.g. 'box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1'"),
     ("--upsampler", "upsampler", "finetune-inpaint: the --init model is an upsampler (6 -> 10 channels)"),

@@ -6,6 +6,7 @@ rank r of W ranks takes the global indices  pos_s + r + W*j  (j < batch) with po
 skipped), and a batch is the same whatever the number of DataLoader workers.
 
     source.example(index, rng) -> (uint8 [S, S, 3], caption)      one image + caption
+    ShapesSource.grounded_example(index, rng)                      + which words name which object, its masks
     TrainingDataset[i]         -> dict of tensors                  + caption drop, tokens, low-res, mask
     PositionSampler            -> lists of global indices          one list per step, forever
 """
@@ -30,6 +31,7 @@ from .masks import random_mask
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_FORMS = ("mix", "dense", "short", "short_bg")
+MAX_OBJECTS = len(shapes.N_OBJECTS_P)  # a shapes scene holds 1 to 3 objects
 
 
 class DataError(ValueError):
@@ -92,6 +94,20 @@ class ShapesSource:
         else:
             caption = shapes.captions(spec)[self.captions]
         return image, caption
+
+    def grounded_example(self, index: int, rng: np.random.Generator
+                         ) -> tuple[np.ndarray, str, list[tuple[int, int, int]], np.ndarray]:
+        """``example`` (the same draws, image and caption) with the (start, end, object) character spans of
+        the words that name each object and the objects' masks, uint8 (MAX_OBJECTS, S, S)."""
+        if self.mix is None:
+            raise DataError("grounding needs captions drawn from a mix of forms: --captions mix, or weights "
+                            "such as 'dense=1'")
+        spec = shapes.random_scene(rng, held_out=False)
+        image = shapes.render_array(spec, self.size)
+        caption, spans = shapes.tagged_caption_for_training(spec, rng, self.mix)
+        masks = np.zeros((MAX_OBJECTS, self.size, self.size), np.uint8)
+        masks[:len(spec.objects)] = np.rint(shapes.object_masks(spec, self.size) * 255)
+        return image, caption, spans, masks
 
 
 class FolderSource:
@@ -228,7 +244,10 @@ class TrainingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, source, tokenizer: PromptTokenizer, text_ctx: int, seed: int, caption_drop: float = 0.2,
-                 low_res_size: int | None = None, masks: dict[str, float] | None = None):
+                 low_res_size: int | None = None, masks: dict[str, float] | None = None, grounding: bool = False):
+        if grounding and not isinstance(source, ShapesSource):
+            raise DataError("grounding needs the shapes world (--data shapes): a folder of images has no "
+                            "object masks")
         self.source = source
         self.tokenizer = tokenizer
         self.text_ctx = text_ctx
@@ -236,11 +255,15 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.caption_drop = caption_drop
         self.low_res_size = low_res_size
         self.masks = masks
+        self.grounding = grounding
 
     def __getitem__(self, index: int) -> dict:
         rng = sample_rng(self.seed, index)
+        spans = object_masks = None
         if isinstance(self.source, FolderSource):
             image, caption = self.source.example(index, rng, self.seed)
+        elif self.grounding:
+            image, caption, spans, object_masks = self.source.grounded_example(index, rng)
         else:
             image, caption = self.source.example(index, rng)
         if rng.random() < self.caption_drop:
@@ -248,6 +271,9 @@ class TrainingDataset(torch.utils.data.Dataset):
         batch = self.tokenizer([caption], self.text_ctx)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 "tokens": batch.tokens[0], "token_mask": batch.mask[0], "index": index}
+        if self.grounding:
+            item["token_objects"] = torch.from_numpy(self._token_objects(caption, spans))
+            item["object_masks"] = torch.from_numpy(object_masks)
         if self.low_res_size:
             # quantised to uint8 as the 64px images the upsampler gets at inference
             low = area_resize(image, self.low_res_size)
@@ -255,6 +281,13 @@ class TrainingDataset(torch.utils.data.Dataset):
         if self.masks is not None:
             item["inpaint_mask"] = torch.from_numpy(random_mask(rng, image.shape[0], self.masks))[None]
         return item
+
+    def _token_objects(self, caption: str, spans: list[tuple[int, int, int]]) -> np.ndarray:
+        """(text_ctx,) int64: per token slot, the object its word names, or -1."""
+        out = np.full(self.text_ctx, -1, np.int64)
+        for k, (a, _) in enumerate(self.tokenizer.token_spans(caption)[:self.text_ctx]):
+            out[k] = next((obj for start, end, obj in spans if start <= a < end), -1)
+        return out
 
     def caption(self, index: int) -> str:
         """The caption of item `index` before the drop (for sample-grid labels)."""

@@ -54,9 +54,9 @@ from torch.utils.data import default_collate
 
 from .. import shapes
 from ..checkpoints import CONFIG_FILE, load_model, parse_device, read_model_config, save_model
-from ..diffusion import classifier_free_guidance, make_schedule, respace, sample, training_losses
+from ..diffusion import classifier_free_guidance, grounding_loss, make_schedule, respace, sample, training_losses
 from ..io import atomic_save_png, atomic_write_bytes, atomic_write_json
-from ..models.glide import GlideConfig, GlideUNet
+from ..models.glide import AttentionBlock, GlideConfig, GlideUNet
 from ..tokenizer import PromptTokenizer
 from .data import FolderSource, TrainingDataset, derived_seed, make_loader, make_source
 from .masks import parse_weights
@@ -144,6 +144,13 @@ class TrainConfig:
     # (session 19, docs/models.md): 20 made colour, size and background words count several times more at
     # t = 700-950; position words stayed unread, with 100 too.
     high_noise_weight: float = 1.0
+    # Weight of a token-level grounding loss (TokenCompose, Wang et al. 2024; 0 = off; shapes data only): each
+    # word that names an object (its size, colour, shape, and its cell's name) should be attended where that
+    # object is, in every attention layer (diffusion.grounding_loss). Why: the bases bind colours to shapes
+    # poorly (SDEdit blobs and pairs swap them) and read no relation word, and a text encoder that says which
+    # side of a relation an object is on was measured at chance (session 24, docs/models.md); the masks the
+    # shapes world renders tell the attention directly where each named object is.
+    grounding_weight: float = 0.0
     min_image_size: int = 0  # folder data: skip images smaller than this (0 = image_size // 2)
     masks: str = ""  # finetune-inpaint mask mix, e.g. "box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1"
     upsampler: bool = False  # finetune-inpaint: the --init model must be an upsampler (6 -> 10 channels)
@@ -250,6 +257,9 @@ def resolve_config(stage: str, options: dict) -> tuple[TrainConfig, dict | None]
     check_numbers(cfg)
     if stage == "finetune-inpaint":
         parse_weights(cfg.masks)  # a bad mix is refused before a model loads
+    if cfg.grounding_weight and (cfg.data != "shapes" or ("=" not in cfg.captions and cfg.captions != "mix")):
+        raise ValueError("--grounding-weight needs the shapes world's object masks and word spans: --data shapes "
+                         "with --captions mix or form weights such as 'dense=1'")
     if stage == "finetune-inpaint" and not cfg.init and checkpoint is None:
         raise ValueError("finetune-inpaint needs --init FOLDER: the trained base (or upsampler) model to widen")
     if cfg.init and checkpoint is None and not (Path(cfg.init) / CONFIG_FILE).is_file():
@@ -296,6 +306,8 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"--offset-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.offset_noise}")
     if not 0.0 <= cfg.layout_noise <= 1.0:
         raise ValueError(f"--layout-noise is a noise scale in [0, 1] (0.1 is usual), got {cfg.layout_noise}")
+    if not 0.0 <= cfg.grounding_weight <= 10.0:
+        raise ValueError(f"--grounding-weight must be in [0, 10] (0 = off, 0.05 is usual), got {cfg.grounding_weight}")
     if not 1.0 <= cfg.high_noise_weight <= 1000.0:
         raise ValueError(f"--high-noise-weight caps the weight 1 / alpha-bar: in [1, 1000] (1 = off), "
                          f"got {cfg.high_noise_weight}")
@@ -481,6 +493,9 @@ def to_model_inputs(batch: dict, device: torch.device, channels_last: bool = Fal
         inputs["low_res"] = image(batch["low_res"])
     if "inpaint_mask" in batch:
         inputs["inpaint_mask"] = batch["inpaint_mask"].to(device, non_blocking=True)
+    for key in ("token_objects", "object_masks"):  # grounding (TrainingDataset(grounding=True))
+        if key in batch:
+            inputs[key] = batch[key].to(device, non_blocking=True)
     return inputs
 
 
@@ -501,10 +516,12 @@ LAYOUT_NOISE_GRIDS = (2, 4, 8)  # TrainConfig.layout_noise: coarse enough for wh
 
 def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, amp,
                    offset_noise: float = 0.0, timesteps: str = "uniform", layout_noise: float = 0.0,
-                   high_noise_weight: float = 1.0, min_timestep: int = 0) -> dict:
+                   high_noise_weight: float = 1.0, min_timestep: int = 0, grounding_weight: float = 0.0) -> dict:
     """L_hybrid for one batch; t (draw_timesteps) and the noise come from `generator` (plus offset_noise *
     N(0, 1) per image and channel, and layout_noise * N(0, 1) on coarse grids: TrainConfig). "loss" weights
-    "mse" by min(1 / alpha-bar_t, high_noise_weight); "mse" itself stays the plain eps loss, for the log."""
+    "mse" by min(1 / alpha-bar_t, high_noise_weight); "mse" itself stays the plain eps loss, for the log. With
+    grounding_weight, "loss" also has that times "ground", the grounding loss of the attention blocks that
+    keep their text attention (inputs need token_objects and object_masks: TrainingDataset(grounding=True))."""
     x0 = inputs["x0"]
     t = draw_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device, timesteps, min_timestep)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -524,7 +541,15 @@ def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, am
         with amp:
             return model(x_t, timesteps, inputs["tokens"], inputs["mask"], **extra)
 
-    return training_losses(model_fn, x0, t, schedule, noise=noise, high_noise_weight=high_noise_weight)
+    losses = training_losses(model_fn, x0, t, schedule, noise=noise, high_noise_weight=high_noise_weight)
+    if grounding_weight:
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock) and m.text_attention is not None]
+        losses["ground"] = grounding_loss([b.text_attention for b in blocks], inputs["token_objects"],
+                                          inputs["object_masks"].float() / 255)
+        losses["loss"] = losses["loss"] + grounding_weight * losses["ground"]
+        for b in blocks:
+            b.text_attention = None  # the maps hold the graph's memory until the backward pass is built
+    return losses
 
 
 @torch.no_grad()
@@ -785,7 +810,11 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
     source = make_source(cfg.data, c.image_size, cfg.captions, cfg.min_image_size or None)
     low_res = c.image_size // UPSAMPLE_FACTOR if c.super_res else None
     masks = parse_weights(cfg.masks) if stage == "finetune-inpaint" else None
-    dataset = TrainingDataset(source, tokenizer, c.text_ctx, cfg.seed, cfg.caption_drop, low_res, masks)
+    grounding = cfg.grounding_weight > 0
+    dataset = TrainingDataset(source, tokenizer, c.text_ctx, cfg.seed, cfg.caption_drop, low_res, masks, grounding)
+    for block in raw_model.modules():
+        if isinstance(block, AttentionBlock):
+            block.keep_text_attention = grounding
     preview = TrainingDataset(source, tokenizer, c.text_ctx, cfg.seed + 7919, 0.0, low_res, masks)
     data_descriptor = source.describe()
 
@@ -863,7 +892,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
                 "ema_decay": cfg.ema_decay, "caption_drop": cfg.caption_drop, "captions": cfg.captions,
                 "offset_noise": cfg.offset_noise, "layout_noise": cfg.layout_noise, "timesteps": cfg.timesteps,
                 "min_timestep": cfg.min_timestep, "train_only": cfg.train_only,
-                "high_noise_weight": cfg.high_noise_weight,
+                "high_noise_weight": cfg.high_noise_weight, "grounding_weight": cfg.grounding_weight,
                 "precision": precision, "preset": None if (cfg.init or checkpoint) else cfg.preset,
                 # the warm start's whole record nests here, so a chain of runs keeps every leg's hardware and time
                 "init": ({"path": str(cfg.init), **{k: init_record.get(k) for k in ("stage", "data", "steps")},
@@ -922,9 +951,10 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
         if cfg.max_minutes:
             eta = min(math.inf if eta is None else eta, max(0.0, 60 * cfg.max_minutes - elapsed))
         diverged = None
-        for (s, lr_s, _), (l, m, v, g) in zip(pending, values.tolist()):
+        for (s, lr_s, _), (l, m, v, g, gr) in zip(pending, values.tolist()):
             loss_ema = l if loss_ema is None else 0.98 * loss_ema + 0.02 * l
             emit({"step": s, "loss": l, "mse": m, "vb": v, "grad_norm": g, "lr": lr_s,
+                  **({"ground": gr} if grounding else {}),
                   "images_seen": images_seen - (step - s) * global_batch, "images_per_s": round(images_per_s, 2),
                   "elapsed_s": round(elapsed, 2), "eta_s": None if eta is None else round(eta, 1)})
             if diverged is None and not (math.isfinite(l) and math.isfinite(g)):
@@ -970,7 +1000,7 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             torch.manual_seed(derived_seed(cfg.seed, 1, step, d.rank))
             generator = torch.Generator(device).manual_seed(derived_seed(cfg.seed, 2, step, d.rank))
             losses = compute_losses(model, inputs, schedule, generator, amp, cfg.offset_noise, cfg.timesteps,
-                                    cfg.layout_noise, cfg.high_noise_weight, cfg.min_timestep)
+                                    cfg.layout_noise, cfg.high_noise_weight, cfg.min_timestep, cfg.grounding_weight)
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -981,8 +1011,13 @@ def run(stage: str, progress_callback: Callable[[dict], None] | None = None,
             data_position += global_batch
             images_seen += global_batch
             interval_images += global_batch
+            ground = torch.zeros((), device=device)
+            if grounding:  # logged over the examples whose caption names an object (not the dropped ones)
+                named = (inputs["token_objects"] >= 0).any(1)
+                ground = losses["ground"].detach().sum() / named.sum().clamp(min=1)
             pending.append((step, lr, torch.stack([loss.detach(), losses["mse"].detach().mean(),
-                                                   losses["vb"].detach().mean(), grad_norm.detach().float()])))
+                                                   losses["vb"].detach().mean(), grad_norm.detach().float(),
+                                                   ground])))
 
             if step % cfg.log_every == 0:
                 flush(progress_line=True)
