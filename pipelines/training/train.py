@@ -147,9 +147,9 @@ class TrainConfig:
     # Weight of a token-level grounding loss (TokenCompose, Wang et al. 2024; 0 = off; shapes data only): each
     # word that names an object (its size, colour, shape, and its cell's name) should be attended where that
     # object is, in every attention layer (diffusion.grounding_loss). Why: the bases bind colours to shapes
-    # poorly (SDEdit blobs and pairs swap them) and read no relation word, and a text encoder that says which
-    # side of a relation an object is on was measured at chance (session 24, docs/models.md); the masks the
-    # shapes world renders tell the attention directly where each named object is.
+    # poorly (SDEdit blobs and pairs swap them) and read no relation word, and their text encoders hardly say
+    # which side of a relation an object is on (a probe: chance for the tiny models, 70% at 64 px; session 24,
+    # docs/models.md); the masks the shapes world renders tell the attention where each named object is.
     grounding_weight: float = 0.0
     min_image_size: int = 0  # folder data: skip images smaller than this (0 = image_size // 2)
     masks: str = ""  # finetune-inpaint mask mix, e.g. "box=0.3,ellipse=0.2,brush=0.25,outpaint=0.15,whole=0.1"
@@ -548,7 +548,7 @@ def compute_losses(model, inputs: dict, schedule, generator: torch.Generator, am
                                           inputs["object_masks"].float() / 255)
         losses["loss"] = losses["loss"] + grounding_weight * losses["ground"]
         for b in blocks:
-            b.text_attention = None  # the maps hold the graph's memory until the backward pass is built
+            b.text_attention = None  # so the maps, and the graph behind them, do not outlive the step
     return losses
 
 
