@@ -86,9 +86,13 @@ class ShapesSource:
     def describe(self) -> str:
         return f"shapes(captions={self.captions})"
 
-    def example(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    def _scene(self, rng: np.random.Generator) -> tuple[shapes.SceneSpec, np.ndarray]:
+        """The first draws of every example, so that `example` and `grounded_example` agree."""
         spec = shapes.random_scene(rng, held_out=False)
-        image = shapes.render_array(spec, self.size)
+        return spec, shapes.render_array(spec, self.size)
+
+    def example(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        spec, image = self._scene(rng)
         if self.mix is not None:
             caption = shapes.caption_for_training(spec, rng, self.mix)
         else:
@@ -102,8 +106,7 @@ class ShapesSource:
         if self.mix is None:
             raise DataError("grounding needs captions drawn from a mix of forms: --captions mix, or weights "
                             "such as 'dense=1'")
-        spec = shapes.random_scene(rng, held_out=False)
-        image = shapes.render_array(spec, self.size)
+        spec, image = self._scene(rng)
         caption, spans = shapes.tagged_caption_for_training(spec, rng, self.mix)
         masks = np.zeros((MAX_OBJECTS, self.size, self.size), np.uint8)
         masks[:len(spec.objects)] = np.rint(shapes.object_masks(spec, self.size) * 255)
